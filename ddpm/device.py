@@ -1,0 +1,87 @@
+"""Device choice, mixed precision and seeding: the few lines every other module needs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def get_device(prefer: str | torch.device | None = None) -> torch.device:
+    """CUDA, then MPS, then CPU; an explicit choice wins and must exist.
+
+    `prefer` may be None or "auto" (pick the best), or "cuda", "cuda:1", "mps", "cpu".
+    The environment variable DDPM_DEVICE stands in for `prefer` when it is None.
+    """
+    prefer = prefer if prefer is not None else os.environ.get("DDPM_DEVICE")
+    if prefer is None or str(prefer) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(prefer)
+    except RuntimeError as err:
+        raise ValueError(f"device={prefer!r} is not a device name; use 'auto', 'cuda', 'mps' or 'cpu'") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={prefer!r} was asked for but CUDA is not available on this machine "
+                               "(torch.cuda.is_available() is False); use device='auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={prefer!r} was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type == "mps" and not _mps_available():
+        raise RuntimeError(f"device={prefer!r} was asked for but MPS is not available "
+                           "(needs Apple silicon and a macOS build of torch); use device='auto' or 'cpu'")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={prefer!r} is not supported; use 'auto', 'cuda', 'mps' or 'cpu'")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    cpu = getattr(torch._C, "_cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
+
+
+def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `device`, or None for plain fp32.
+
+    precision: "auto" (bf16 on CUDA that supports it and on CPUs with native bf16, fp32 on MPS),
+    "bf16" (force it, where the device can), or "fp32".
+    """
+    device = torch.device(device)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision={precision!r} is not one of 'auto', 'bf16', 'fp32'")
+    if precision == "fp32" or device.type == "mps":
+        # MPS autocast to bf16 is incomplete and often slower; fp32 is the safe choice there.
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if precision == "bf16" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """A torch.autocast context for `device` in the dtype autocast_dtype picks (a no-op for fp32)."""
+    device = torch.device(device)
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run repeats."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,165 @@
+"""Sampler correctness on the closed-form optimal denoiser of Gaussian data, where the answer is known."""
+
+import pytest
+import torch
+from torch import nn
+
+from ddpm.oracle import GaussianDenoiser, gaussian_errors
+from ddpm.samplers import METHODS, sample, set_timesteps
+from ddpm.schedules import make_schedule
+
+SHAPE = (1, 4, 4)
+MEAN = torch.linspace(-0.5, 0.5, 16).reshape(SHAPE)
+STD = torch.linspace(0.1, 0.6, 16).reshape(SHAPE)
+
+
+def draw(model, schedule, n, seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    kwargs.setdefault("clip_denoised", False)
+    return sample(model, schedule, (n, *SHAPE), generator=g, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("method, steps, tol", [
+    ("ddpm", None, 0.02),     # ancestral over all 1000 steps: only Monte Carlo error is left
+    ("ddim", 50, 0.04),
+    ("dpmpp_2m", 20, 0.02),
+    ("dpmpp_2m", 10, 0.025),
+])
+def test_samplers_reproduce_the_data_distribution(method, steps, tol):
+    s = make_schedule("linear")
+    n = 3000 if method == "ddpm" else 20000
+    x = draw(GaussianDenoiser(s, MEAN, STD), s, n, method=method, steps=steps)
+    err = gaussian_errors(x, MEAN, STD)
+    # per-element tolerances: the Monte Carlo error of a mean over n samples is ~std/sqrt(n) <= 0.011
+    assert err["mean_err"] < 0.015, err
+    assert err["w2"] < tol, err
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpm_solver_needs_fewer_steps_than_ddim(schedule):
+    s = make_schedule(schedule)
+    errs = {}
+    for method, steps in [("ddim", 20), ("ddim", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]:
+        errs[method, steps] = gaussian_errors(draw(GaussianDenoiser(s, MEAN, STD), s, 20000, method=method,
+                                                   steps=steps), MEAN, STD)["w2"]
+    assert errs["dpmpp_2m", 20] < errs["ddim", 50], errs
+    assert errs["dpmpp_2m", 10] < errs["ddim", 20], errs
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_eta_one_on_all_steps_is_ddpm_with_posterior_variance(schedule):
+    s = make_schedule(schedule, timesteps=200)
+    oracle = GaussianDenoiser(s, MEAN, STD)
+    a = draw(oracle, s, 256, method="ddpm", variance="posterior")
+    b = draw(oracle, s, 256, method="ddim", steps=200, eta=1.0)
+    assert torch.allclose(a, b, atol=2e-4), (a - b).abs().max()
+
+
+def test_ddim_eta_zero_is_deterministic_given_x_T():
+    s = make_schedule("linear")
+    oracle = GaussianDenoiser(s, MEAN, STD)
+    g = torch.Generator().manual_seed(3)
+    x = sample(oracle, s, (64, *SHAPE), method="ddim", steps=20, generator=g, progress=False)
+    # only x_T was drawn: the generator is exactly where drawing x_T alone leaves it
+    g2 = torch.Generator().manual_seed(3)
+    torch.randn((64, *SHAPE), generator=g2)
+    assert torch.equal(g.get_state(), g2.get_state())
+    assert torch.equal(x, draw(oracle, s, 64, seed=3, method="ddim", steps=20, clip_denoised=True))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prediction_types_give_the_same_samples(method):
+    s = make_schedule("cosine", timesteps=100)
+    outs = [draw(GaussianDenoiser(s, MEAN, STD, prediction_type=p), s, 128, method=method, steps=10
+                 if method != "ddpm" else None, prediction_type=p)
+            for p in ("epsilon", "sample", "v_prediction")]
+    assert torch.allclose(outs[0], outs[1], atol=1e-3) and torch.allclose(outs[0], outs[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_images_and_callback_sees_each_step(method):
+    s = make_schedule("linear", timesteps=50)
+    oracle = GaussianDenoiser(s, MEAN, STD)
+    seen = []
+    a = draw(oracle, s, 8, seed=1, method=method, steps=None if method == "ddpm" else 10,
+             callback=lambda i, t, x, x0: seen.append((i, t, x.shape, float(x0.abs().max()))), clip_denoised=True)
+    b = draw(oracle, s, 8, seed=1, method=method, steps=None if method == "ddpm" else 10, clip_denoised=True)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, draw(oracle, s, 8, seed=2, method=method, clip_denoised=True,
+                                   steps=None if method == "ddpm" else 10))
+    assert [i for i, *_ in seen] == list(range(50 if method == "ddpm" else 10))
+    assert seen[0][1] == 49 and all(m <= 1 for *_, m in seen)
+    assert a.abs().max() <= 1
+
+
+class TinyConditional(nn.Module):
+    """output = x * w + embedding(y): linear, so guidance has a closed form."""
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.null_class = num_classes
+        self.emb = nn.Embedding(num_classes + 1, 1)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, t, y):
+        return self.drop(x) * 0.3 + self.emb(y).view(-1, 1, 1, 1)
+
+
+def test_guidance_scale_one_is_the_conditional_model_and_w_extrapolates():
+    torch.manual_seed(0)
+    model = TinyConditional()
+    s = make_schedule("linear", timesteps=20)
+    y = torch.tensor([0, 1, 2, 1])
+    plain = draw(model, s, 4, method="ddim", steps=5, y=y)
+    guided_1 = draw(model, s, 4, method="ddim", steps=5, y=y, guidance_scale=1.0)
+    assert torch.equal(plain, guided_1)
+    assert model.training  # the sampler switched dropout off for the call and restored the mode
+
+    class Manual(nn.Module):  # the formula out = u + w (c - u) written out
+        null_class = None
+        def forward(self, x, t, y):
+            u = model(x, t, torch.full_like(y, model.null_class))
+            return u + 3.0 * (model(x, t, y) - u)
+    model.eval()
+    assert torch.allclose(draw(model, s, 4, method="ddim", steps=5, y=y, guidance_scale=3.0),
+                          draw(Manual(), s, 4, method="ddim", steps=5, y=y), atol=1e-6)
+
+
+def test_respaced_ddpm_and_beta_variance():
+    s = make_schedule("linear", timesteps=100)
+    oracle = GaussianDenoiser(s, MEAN, STD)
+    full = draw(oracle, s, 16, method="ddpm")
+    assert torch.equal(full, draw(oracle, s, 16, method="ddpm", steps=100))
+    beta = draw(oracle, s, 16, method="ddpm", variance="beta")
+    assert not torch.allclose(full, beta)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "euler"}, "valid: ddpm, ddim, dpmpp_2m"),
+    ({"method": "ddim", "steps": 0}, r"\[1, 1000\]"),
+    ({"method": "ddim", "steps": 1001}, r"\[1, 1000\]"),
+    ({"method": "ddpm", "eta": 0.5}, "applies to method='ddim' only"),
+    ({"method": "ddim", "guidance_scale": 2.0}, "needs class labels"),
+    ({"method": "ddim", "spacing": "quadratic"}, "valid: trailing"),
+    ({"method": "ddpm", "variance": "learned"}, "valid: posterior, beta"),
+    ({"method": "ddim", "prediction_type": "score"}, "valid: epsilon"),
+])
+def test_bad_arguments(kwargs, match):
+    s = make_schedule("linear")
+    with pytest.raises(ValueError, match=match):
+        draw(GaussianDenoiser(s, MEAN, STD), s, 2, **kwargs)
+
+
+def test_guidance_needs_a_null_class():
+    s = make_schedule("linear")
+    with pytest.raises(ValueError, match="null class"):
+        draw(lambda x, t, y: x, s, 2, method="ddim", y=torch.zeros(2, dtype=torch.long), guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "logsnr"])
+@pytest.mark.parametrize("steps", [1, 7, 50, 999, 1000])
+def test_spacings_give_distinct_descending_training_timesteps(spacing, steps):
+    ts = set_timesteps(make_schedule("cosine"), steps, spacing=spacing)
+    assert len(ts) == steps and len(set(ts.tolist())) == steps
+    assert (ts.diff() < 0).all() and ts.min() >= 0 and ts.max() <= 999
+    if spacing in ("trailing", "linspace", "logsnr"):
+        assert ts[0] == 999

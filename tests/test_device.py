@@ -1,0 +1,60 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm import device as dev
+
+
+def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.delenv("DDPM_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    assert dev.get_device() == torch.device("cpu")
+    monkeypatch.setattr(dev, "_mps_available", lambda: True)
+    assert dev.get_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dev.get_device() == torch.device("cuda")
+
+
+def test_explicit_choice_wins_and_must_exist(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    assert dev.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        dev.get_device("cuda")
+    with pytest.raises(RuntimeError, match="MPS is not available"):
+        dev.get_device("mps")
+    with pytest.raises(ValueError, match="not a device name"):
+        dev.get_device("gpu0")
+    monkeypatch.setenv("DDPM_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="device='cuda'"):
+        dev.get_device()
+
+
+def test_autocast_dtype_per_device(monkeypatch):
+    assert dev.autocast_dtype("mps") is None
+    assert dev.autocast_dtype("cpu", "fp32") is None
+    assert dev.autocast_dtype("cpu", "bf16") is torch.bfloat16
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    assert dev.autocast_dtype("cpu") is None  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    assert dev.autocast_dtype("cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        dev.autocast_dtype("cpu", "fp16")
+
+
+def test_cpu_autocast_really_computes_in_bf16():
+    a = torch.randn(8, 8)
+    with dev.autocast("cpu", "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with dev.autocast("cpu", "fp32"):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_seed_everything_repeats():
+    dev.seed_everything(7)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    dev.seed_everything(7)
+    assert first == (random.random(), np.random.rand(), torch.rand(1).item())

@@ -1,6 +1,8 @@
 """ddpm-flowers: denoising diffusion (DDPM / DDIM / DPM-Solver++) for Flowers102 and any image folder.
 
-The public API, re-exported so a notebook needs one import: `import ddpm`.
+The core API is re-exported here: `import ddpm`. Sampling is `ddpm.samplers.sample(...)`: the name
+`ddpm.sample` belongs to the sampling command line (`python -m ddpm.sample`), and a function of the same
+name here would be replaced by that module as soon as anything imported it.
 """
 
 __version__ = "0.1.0"
@@ -8,5 +10,5 @@ __version__ = "0.1.0"
 from .device import autocast, autocast_dtype, get_device, seed_everything
 from .diffusion import LOSS_TYPES, PREDICTION_TYPES, predict_epsilon, predict_x0, training_loss
 from .oracle import GaussianDenoiser, gaussian_errors
-from .samplers import DEFAULT_STEPS, METHODS, sample, set_timesteps
+from .samplers import DEFAULT_SPACING, DEFAULT_STEPS, METHODS, set_timesteps
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule

@@ -1,0 +1,116 @@
+"""How good does an hour on a laptop get? Train a 32 px preset for a fixed budget of process CPU time
+on the shared flowers, sample from the EMA weights, and report FID and KID on real Inception weights.
+
+    python benchmarks/quality_budget.py                       # one CPU-hour (~30 min on 2 cores)
+    python benchmarks/quality_budget.py --cpu-minutes 10 --num-images 500 --compare-samplers
+    python benchmarks/quality_budget.py --quick               # a smoke run of the script itself
+
+The budget counts process CPU time (time.process_time: every thread of this process), not wall time,
+so it means the same on a busy or an idle machine. Training runs in chunks of --chunk steps (each chunk
+resumes the last exactly) and stops at the first chunk boundary past the budget. Then:
+  - a sample grid (PNG) and FID/KID of --num-images DPM-Solver++ samples against the real images;
+  - with --compare-samplers, the same for DDPM at 1000 steps and DDIM at 50 (same start noise), which
+    is the check that the fast samplers lose little on a trained model.
+Prints a table and one JSON line; writes everything under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm import get_device
+from ddpm.data import load_dataset
+from ddpm.metrics import FIDEvaluator
+from ddpm.sample import generate
+from ddpm.train import apply_overrides, load_model, preset, save_sample_grid, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_data_root() -> str:
+    return os.environ.get("DATA_ROOT") or str(REPO.parent / "shared" / "data" / "flowers102-mini")
+
+
+def train_for_budget(config, out: Path, budget_s: float, chunk: int) -> tuple[int, float, float]:
+    """Train in resumable chunks until process CPU time passes `budget_s`; (steps, cpu_s, wall_s)."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    step, resume = 0, False
+    while time.process_time() - cpu0 < budget_s and step < config.train.max_steps:
+        result = train(config, out_dir=out, resume=resume, max_steps=step + chunk, progress=False)
+        step, resume = result.step, True
+        last = result.history[-1] if result.history else {}
+        print(f"  step {step:6d}  loss {last.get('loss', float('nan')):.4f}  "
+              f"cpu {time.process_time() - cpu0:7.0f}s  wall {time.perf_counter() - wall0:7.0f}s", flush=True)
+    return step, time.process_time() - cpu0, time.perf_counter() - wall0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-minutes", type=float, default=60.0, help="training budget in process CPU minutes")
+    p.add_argument("--data-root", default=default_data_root())
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_budget"))
+    p.add_argument("--chunk", type=int, default=250, help="steps between budget checks")
+    p.add_argument("--num-images", type=int, default=1000, help="generated images for FID/KID")
+    p.add_argument("--compare-samplers", action="store_true", help="also DDPM-1000 and DDIM-50")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.lr=1e-3")
+    args = p.parse_args()
+    if args.quick:
+        args.cpu_minutes, args.chunk, args.num_images = 0.2, 10, 32
+
+    overrides = {"data.source": "flowers102", "data.root": args.data_root, "train.device": args.device,
+                 "train.sample_every": 0, "train.checkpoint_every": args.chunk, "train.keep_last": 1}
+    overrides.update(dict(kv.split("=", 1) for kv in args.overrides))
+    config = apply_overrides(preset("folder32"), overrides)
+    if args.quick:
+        config = apply_overrides(config, {"model.base_channels": 32, "model.num_res_blocks": 1,
+                                          "train.batch_size": 8})
+    out = Path(args.out)
+    if out.exists() and any(out.glob("*.pt")):
+        raise SystemExit(f"{out} already holds a run; pass another --out or delete it")
+    torch.manual_seed(0)
+
+    print(f"training folder32 on {args.data_root} for {args.cpu_minutes:g} CPU-minutes ({get_device(args.device)})")
+    steps, cpu_s, wall_s = train_for_budget(config, out, args.cpu_minutes * 60, args.chunk)
+    model, schedule, cfg = load_model(out / "latest.pt", device=args.device)
+
+    real = load_dataset("flowers102", args.data_root, image_size=cfg.data.image_size)
+    evaluator = FIDEvaluator(real, device=args.device)
+    runs = [("dpmpp_2m", 20)]
+    if args.compare_samplers:
+        runs += [("ddim", 50), ("ddpm", 1000)]
+    rows = []
+    for method, nfe in runs:
+        t0 = time.perf_counter()
+        images = generate(model, schedule, cfg, n=args.num_images, method=method, steps=nfe, seed=0,
+                          batch_size=250, progress=False)
+        sample_s = time.perf_counter() - t0
+        scores = evaluator.score(images)
+        save_sample_grid(images[:64], out / f"samples_{method}_{nfe}.png")
+        rows.append({"method": method, "nfe": nfe, "fid": round(scores["fid"], 2),
+                     "kid_mean": round(scores["kid_mean"], 5), "kid_std": round(scores["kid_std"], 5),
+                     "sample_s": round(sample_s, 1)})
+
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\n{steps} steps (batch {cfg.train.batch_size}) in {cpu_s / 60:.1f} CPU-min / {wall_s / 60:.1f} wall-min; "
+          f"{params / 1e6:.1f} M params; {args.num_images} generated vs {len(evaluator.real_features)} real images")
+    print(f"{'method':<10}{'NFE':>6}{'FID':>9}{'KID':>10}{'±':>9}{'sample s':>10}")
+    for r in rows:
+        print(f"{r['method']:<10}{r['nfe']:>6}{r['fid']:>9.2f}{r['kid_mean']:>10.4f}{r['kid_std']:>9.4f}"
+              f"{r['sample_s']:>10.1f}")
+    print(f"grids: {out}/samples_*.png")
+    print(json.dumps({"benchmark": "quality_budget", "cpu_minutes": round(cpu_s / 60, 2),
+                      "wall_minutes": round(wall_s / 60, 2), "steps": steps, "batch_size": cfg.train.batch_size,
+                      "params": params, "num_generated": args.num_images,
+                      "num_real": len(evaluator.real_features), "config": cfg.to_dict(), "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

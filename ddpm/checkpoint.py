@@ -1,0 +1,278 @@
+"""Checkpoints: atomic save, weights_only load, a run folder of step_XXXXXXX.pt files, resume checks.
+
+A checkpoint is a plain dict that `torch.load(..., weights_only=True)` can read back: tensors, dicts,
+lists, str, int, float, bool and None only. Configs are stored as plain dicts, RNG states as tensors and
+lists. That keeps loading safe (no arbitrary pickles) and lets any later version of the code read it.
+
+Run folder layout:
+    run_dir/config.json          the resolved RunConfig
+    run_dir/step_0001000.pt      the last `keep_last` checkpoints
+    run_dir/latest.pt            the newest checkpoint (a hard link where the filesystem has them, else a copy)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+LATEST = "latest.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated, corrupt) or does not fit this run."""
+
+
+def package_version() -> str:
+    """ddpm.__version__ when the package defines it, else the installed distribution's, else "unknown"."""
+    try:
+        import ddpm
+
+        version = getattr(ddpm, "__version__", None)
+        if version:
+            return str(version)
+    except ImportError:
+        pass
+    from importlib import metadata
+
+    for dist in ("ddpm-flowers", "ddpm_flowers", "ddpm"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+_SAFE_SCALARS = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def _check_loadable(obj, where: str = "state") -> None:
+    """Raise TypeError naming the first value that weights_only loading would refuse.
+
+    Checked at save time so a bad value is found when it is written, not months later at resume.
+    """
+    if isinstance(obj, _SAFE_SCALARS):
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}; use str or int keys")
+            _check_loadable(value, f"{where}[{key!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_loadable(value, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which torch.load(weights_only=True) "
+                    "cannot read back; store tensors, dicts, lists, str, int, float, bool or None")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory (Windows), so best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
+
+    A crash (or an exception) during the write leaves the previous file at `path` untouched and no temp file.
+    """
+    path = Path(path)
+    if not isinstance(state, dict):
+        raise TypeError(f"save_checkpoint expects a dict, got {type(state).__name__}")
+    _check_loadable(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The step_XXXXXXX.pt files in `run_dir`, oldest step first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := STEP_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _describe_folder(folder: Path) -> str:
+    names = [p.name for p in list_checkpoints(folder)]
+    if (folder / LATEST).exists():
+        names.append(LATEST)
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    return f"checkpoints in {folder}: {', '.join(names)}" if names else f"{folder} holds no checkpoints"
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint with torch.load(weights_only=True).
+
+    `path` may also be a run folder: its newest checkpoint is read (see find_latest).
+    """
+    path = Path(path)
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint found in the folder {path} (expected {LATEST} or step_XXXXXXX.pt)")
+        path = latest
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; {_describe_folder(path.parent)}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... depending on where it broke
+        others = [p.name for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
+        hint = (f"try an earlier one from the same folder ({', '.join(others)})" if others
+                else "no other checkpoint is in that folder")
+        raise CheckpointError(f"checkpoint {path} could not be read (truncated or corrupt? {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); {hint}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict; "
+                              "was it written by ddpm.checkpoint.save_checkpoint?")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+
+def step_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / f"step_{step:07d}.pt"
+
+
+def _update_latest(run_dir: Path, source: Path) -> None:
+    """Point latest.pt at `source` atomically: a hard link (no extra disk) or, where links fail, a copy."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{LATEST}.", suffix=".tmp", dir=run_dir)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # FAT, some network mounts: no hard links
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, run_dir / LATEST)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(run_dir)
+
+
+def save_run_checkpoint(run_dir: str | os.PathLike, state: dict, *, step: int, keep_last: int = 3) -> Path:
+    """Save `state` as run_dir/step_XXXXXXX.pt, make it latest.pt, then drop all but the newest `keep_last`.
+
+    keep_last <= 0 keeps every checkpoint. latest.pt is updated only after the step file is complete,
+    so it always names a whole checkpoint.
+    """
+    run_dir = Path(run_dir)
+    path = save_checkpoint(step_path(run_dir, step), state)
+    _update_latest(run_dir, path)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """run_dir/latest.pt if present, else the highest step_XXXXXXX.pt, else None."""
+    run_dir = Path(run_dir)
+    if (run_dir / LATEST).is_file():
+        return run_dir / LATEST
+    steps = list_checkpoints(run_dir)
+    return steps[-1] if steps else None
+
+
+# ---------------------------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA RNG states in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "python": {"version": py_version, "state": list(py_internal), "gauss_next": py_gauss},
+        "numpy": {"bit_generator": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of capture_rng_state. CUDA states are restored only where the same number of GPUs is visible."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["bit_generator"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+# ---------------------------------------------------------------------------------------------- compatibility
+
+def config_differences(saved: dict, current: dict, *, prefix: str = "") -> list[str]:
+    """Key-by-key differences between two (nested) config dicts, as readable lines.
+
+    Lists and tuples compare equal when their items do (JSON turns tuples into lists).
+    """
+    lines = []
+    for key in sorted(set(saved) | set(current), key=str):
+        name = f"{prefix}{key}"
+        if key not in current:
+            lines.append(f"checkpoint has {name}={saved[key]!r}, this run has no {name}")
+        elif key not in saved:
+            lines.append(f"checkpoint has no {name}, this run has {name}={current[key]!r}")
+        elif isinstance(saved[key], dict) and isinstance(current[key], dict):
+            lines.extend(config_differences(saved[key], current[key], prefix=f"{name}."))
+        elif _plain(saved[key]) != _plain(current[key]):
+            lines.append(f"checkpoint has {name}={saved[key]!r}, this run has {current[key]!r}")
+    return lines
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_compatible(saved: dict, current: dict, *, what: str = "config", source: str | os.PathLike = "") -> None:
+    """Raise CheckpointError listing every difference between `saved` and `current` (config dicts)."""
+    diffs = config_differences(saved, current)
+    if diffs:
+        where = f" {source}" if source else ""
+        raise CheckpointError(f"the checkpoint{where} was made with a different {what}:\n  " + "\n  ".join(diffs)
+                              + "\nuse the same settings to resume, or start a new run folder")

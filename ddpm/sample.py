@@ -1,0 +1,117 @@
+"""Sample images from a checkpoint: one grid PNG plus every image on its own.
+
+    python -m ddpm.sample --ckpt checkpoints/f64 --n 64 --method dpmpp_2m --steps 20 --seed 0 --out grid.png
+    # -> grid.png and grid/000.png ... grid/063.png
+
+--ckpt takes a checkpoint file or a run folder (its latest.pt). EMA weights are used unless --no-ema.
+The start noise comes from a CPU generator seeded by --seed, so a seed gives the same images on any device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from . import samplers
+from .device import autocast
+
+
+def generate(model, schedule, config, *, n: int, method: str = "dpmpp_2m", steps: int | None = None,
+             eta: float = 0.0, seed: int = 0, class_label: int | None = None, guidance_scale: float = 1.0,
+             batch_size: int | None = None, precision: str = "auto", progress: bool = True) -> torch.Tensor:
+    """n images in [-1, 1] (float32, CPU) from a model returned by ddpm.train.load_model.
+
+    class_label: for a conditional model, the class of every image (None: classes 0, 1, 2, ... in turn).
+    batch_size:  images per sampler call (default all n); the chunks draw from one generator in turn,
+                 so the same (seed, batch_size) gives the same images.
+    """
+    if n < 1:
+        raise ValueError(f"n={n} must be at least 1")
+    num_classes = config.model.num_classes
+    if class_label is not None and num_classes is None:
+        raise ValueError(f"class_label={class_label} needs a class-conditional model; this one is unconditional")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(f"class_label={class_label} is out of range: this model has classes 0..{num_classes - 1}")
+    if num_classes is None:
+        labels = None
+    elif class_label is None:
+        labels = torch.arange(n) % num_classes
+    else:
+        labels = torch.full((n,), class_label, dtype=torch.long)
+    device = next(model.parameters()).device
+    size = config.model.image_size
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = batch_size or n
+    chunks = []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        with autocast(device, precision):
+            chunks.append(samplers.sample(
+                model, schedule, (m, config.model.in_channels, size, size), method=method, steps=steps, eta=eta,
+                prediction_type=config.diffusion.prediction_type, generator=generator,
+                y=labels[start:start + m] if labels is not None else None,
+                guidance_scale=guidance_scale, progress=progress, device=device).float().cpu())
+    return torch.cat(chunks)
+
+
+def save_images(images: torch.Tensor, out, *, nrow: int | None = None) -> tuple[Path, list[Path]]:
+    """Write `images` ([-1, 1]) as the grid `out` and as out-without-suffix/000.png, 001.png, ..."""
+    from torchvision.utils import save_image
+
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"--out {out} should name an image file such as grid.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = (images.float().cpu() + 1) / 2
+    save_image(images, out, nrow=nrow or max(1, math.ceil(math.sqrt(len(images)))), padding=2)
+    folder = out.with_suffix("")
+    folder.mkdir(exist_ok=True)
+    width = max(3, len(str(len(images) - 1)))
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"{i:0{width}d}.png")
+        save_image(image, paths[-1])
+    return out, paths
+
+
+def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
+    from .train import load_model
+
+    p = argparse.ArgumentParser(prog="python -m ddpm.sample", allow_abbrev=False,
+                                description="Sample a grid of images from a ddpm checkpoint.")
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (uses its latest.pt)")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--method", default="dpmpp_2m", choices=samplers.METHODS)
+    p.add_argument("--steps", type=int, default=None,
+                   help="network evaluations (default: ddpm all T, ddim 50, dpmpp_2m 20)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (ddim only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="grid PNG; the single images go to a folder of the same name")
+    p.add_argument("--class-label", type=int, default=None,
+                   help="class of every image (conditional models; default: classes in turn)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (memory); default all")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
+    p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    model, schedule, config = load_model(args.ckpt, use_ema=not args.no_ema, device=args.device)
+    try:
+        images = generate(model, schedule, config, n=args.n, method=args.method, steps=args.steps, eta=args.eta,
+                          seed=args.seed, class_label=args.class_label, guidance_scale=args.guidance_scale,
+                          batch_size=args.batch_size, precision=args.precision, progress=not args.no_progress)
+    except ValueError as err:
+        p.error(str(err))
+    grid, paths = save_images(images, args.out, nrow=args.nrow)
+    print(f"wrote {grid} and {len(paths)} images in {grid.with_suffix('')}/")
+    return grid, paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""ddpm.train and ddpm.sample: configs and overrides, exact resume, non-finite stops, the quick preset, CLIs."""
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ddpm import checkpoint as ckpt
+import ddpm
+from ddpm import diffusion
+from ddpm import train as T
+
+REPO = Path(__file__).resolve().parents[1]
+FLOWERS = Path(os.environ.get("DDPM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data/flowers102-mini"))
+needs_flowers = pytest.mark.skipif(not (FLOWERS / "flowers-102").is_dir(),
+                                   reason=f"shared Flowers102 subset not found at {FLOWERS} (set DDPM_SHARED_DATA)")
+pytestmark = pytest.mark.filterwarnings("ignore:flowers102.*missing:UserWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These models are tiny: a second thread buys nothing and, on a busy 2-core machine, costs ~10x in
+    # spin-waiting. Restored afterwards so other test modules see the usual setting.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def sample_cli():
+    return importlib.import_module("ddpm.sample")
+
+
+def tiny(cache_dir, **overrides) -> T.RunConfig:
+    """A 16 px, ~60k-parameter UNet on the 287 shared train-split flowers: a step takes milliseconds."""
+    base = {"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8,
+            "data.root": str(FLOWERS), "data.split": "train", "data.cache_dir": str(cache_dir),
+            "batch_size": 8, "max_steps": 6, "warmup_steps": 2, "log_every": 2, "sample_every": 0,
+            "checkpoint_every": 100}
+    return T.preset("quick", **{**base, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+def test_config_json_round_trip_for_every_preset(tmp_path):
+    for name in T.PRESETS:
+        cfg = T.preset(name)
+        back = T.RunConfig.from_json(cfg.to_json())
+        assert back == cfg and isinstance(back.model.channel_mults, tuple)
+        cfg.save(tmp_path / f"{name}.json")
+        assert T.RunConfig.load(tmp_path / f"{name}.json") == cfg
+    with pytest.raises(ValueError, match="unknown key.*'lrr'.*valid"):
+        T.RunConfig.from_dict({**T.preset("quick").to_dict(), "train": {"lrr": 1}})
+
+
+def test_overrides_parse_by_field_type():
+    cfg = T.apply_overrides(T.preset("quick"), T.parse_override_args([
+        "--train.lr", "2e-4", "--seed=7", "--compile", "false", "--conditional", "true", "--min-snr-gamma", "5",
+        "--image_size", "64", "--model.channel_mults", "1,2,2,4", "--schedule_params", '{"s": 0.01}',
+        "--model.num_classes", "none", "--data.root", "/data/x"]))
+    assert cfg.train.lr == 2e-4 and cfg.train.seed == 7 and cfg.train.compile is False and cfg.train.conditional
+    assert cfg.diffusion.min_snr_gamma == 5.0 and cfg.diffusion.schedule_params == {"s": 0.01}
+    assert cfg.model.image_size == cfg.data.image_size == 64  # the plain key sets both sections
+    assert cfg.model.channel_mults == (1, 2, 2, 4) and cfg.model.num_classes is None and cfg.data.root == "/data/x"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.lrr", "1"], r"(?s)unknown option --train.lrr \(did you mean --train.lr, .*train: batch_size, lr,"),
+    (["--nonsense", "1"], "(?s)unknown option --nonsense; valid options.*data: source, root"),
+    (["--compile", "yes"], "--train.compile 'yes': expected true or false"),
+    (["--lr", "fast"], "--train.lr 'fast': expected float"),
+    (["--lr"], "--lr needs a value"),
+    (["--precision", "fp16"], "precision='fp16'"),
+    (["--model.image_size", "16"], "model.image_size=16 but data.image_size=32"),
+])
+def test_bad_overrides_are_clear_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        T.apply_overrides(T.preset("quick"), T.parse_override_args(args))
+
+
+def test_cli_reports_unknown_keys(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--preset", "quick", "--out", str(tmp_path / "run"), "--train.lrr", "1"])
+    assert "unknown option --train.lrr" in capsys.readouterr().err
+    T.main(["--preset", "quick", "--out", str(tmp_path / "run"), "--lr", "3e-4", "--max-steps", "9", "--print-config"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 3e-4 and printed["train"]["max_steps"] == 9
+
+
+def test_lr_schedule_closed_form():
+    tc = T.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay="cosine", min_lr_ratio=0.1)
+    assert T.lr_at(0, tc) == pytest.approx(0.1) and T.lr_at(9, tc) == pytest.approx(1.0)
+    assert T.lr_at(10, tc) == pytest.approx(1.0)
+    assert T.lr_at(60, tc) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay: the midpoint
+    assert T.lr_at(110, tc) == pytest.approx(0.1) and T.lr_at(500, tc) == pytest.approx(0.1)
+    assert T.lr_at(50, T.TrainConfig(lr=1.0, warmup_steps=10)) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def _assert_identical(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@needs_flowers
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache_dir):
+    # Everything that draws random numbers or carries state: dropout, class dropout, grad accumulation,
+    # warm-up + cosine decay, clipping, weight decay, EMA with a delayed start.
+    cfg = tiny(cache_dir, **{"model.dropout": 0.1, "conditional": True, "class_dropout": 0.5, "grad_accum": 2,
+                             "lr_decay": "cosine", "grad_clip": 0.5, "weight_decay": 0.01,
+                             "ema_update_after_step": 2, "ema_decay": 0.9})
+    straight = T.train(cfg, out_dir=tmp_path / "straight", progress=False)
+    first = T.train(cfg, out_dir=tmp_path / "split", progress=False, max_steps=3)
+    assert first.step == 3 and ckpt.load_checkpoint(first.checkpoint)["step"] == 3
+    resumed = T.train(cfg, out_dir=tmp_path / "split", resume=True, progress=False)
+    assert straight.step == resumed.step == 6
+    a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
+    for key in ("model", "ema", "optimizer", "rng", "data", "step"):
+        _assert_identical(a[key], b[key], key)
+    assert a["config"]["model"]["num_classes"] == 102  # conditional: the class count came from the data
+    # the loss log of the resumed run continues the first one, row for row
+    assert [r["step"] for r in resumed.history] == [2, 3, 4, 6]
+    assert [r["loss"] for r in resumed.history[-1:]] == [r["loss"] for r in straight.history[-1:]]
+
+
+@needs_flowers
+def test_resume_refuses_another_architecture_and_new_runs_refuse_old_folders(tmp_path, cache_dir, capsys):
+    T.train(tiny(cache_dir, max_steps=1), out_dir=tmp_path, progress=False)
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint has base_channels=16, this run has 32"):
+        T.train(tiny(cache_dir, **{"model.base_channels": 32}), out_dir=tmp_path, resume=True, progress=False)
+    # changed training settings are allowed, and said; a changed batch shape resumes approximately
+    T.train(tiny(cache_dir, max_steps=2, batch_size=4), out_dir=tmp_path, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint has train.batch_size=8, this run has 4" in err and "resuming approximately" in err
+    assert ckpt.load_checkpoint(tmp_path)["step"] == 2
+    with pytest.raises(FileExistsError, match="already holds checkpoints.*--resume"):
+        T.train(tiny(cache_dir), out_dir=tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        T.train(tiny(cache_dir), out_dir=tmp_path / "empty", resume=True, progress=False)
+
+
+@needs_flowers
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
+    real_loss, calls = diffusion.training_loss, []
+
+    def loss_that_breaks(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 5 else loss  # step 5 onwards
+
+    monkeypatch.setattr(diffusion, "training_loss", loss_that_breaks)
+    cfg = tiny(cache_dir, checkpoint_every=4, log_every=3, max_steps=8)
+    with pytest.raises(FloatingPointError, match="non-finite at step 5") as err:
+        T.train(cfg, out_dir=tmp_path, progress=False)
+    assert "step_0000004.pt" in str(err.value) or "latest.pt" in str(err.value)
+    state = ckpt.load_checkpoint(tmp_path)
+    assert state["step"] == 4 and [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000004.pt"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@needs_flowers
+def test_exploding_weights_are_never_checkpointed(tmp_path, cache_dir):
+    # An absurd learning rate without clipping: the weights overflow; whatever is caught first, no
+    # checkpoint with non-finite weights may appear.
+    cfg = tiny(cache_dir, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, log_every=1, max_steps=4)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        T.train(cfg, out_dir=tmp_path, progress=False)
+    for path in ckpt.list_checkpoints(tmp_path):
+        assert all(torch.isfinite(v).all() for v in ckpt.load_checkpoint(path)["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------- quick preset, samples
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, cache_dir):
+    if not (FLOWERS / "flowers-102").is_dir():
+        pytest.skip(f"shared Flowers102 subset not found at {FLOWERS}")
+    out = tmp_path_factory.mktemp("quick")
+    # the quick preset's model and settings, shortened: 30 steps of 8 images (the preset: 200 of 16)
+    cfg = T.preset("quick", **{"data.root": str(FLOWERS), "data.cache_dir": str(cache_dir), "max_steps": 30,
+                               "batch_size": 8, "warmup_steps": 10, "log_every": 3, "sample_every": 15,
+                               "checkpoint_every": 15, "sample_n": 4, "sample_steps": 4})
+    seen = []
+    result = T.train(cfg, out_dir=out / "run", progress=False, callback=lambda step, info: seen.append(step))
+    return result, seen
+
+
+def test_quick_preset_lowers_the_loss(quick_run):
+    result, seen = quick_run
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 10 and seen == [r["step"] for r in result.history]
+    k = len(losses) // 5
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    assert last < 0.7 * first, f"loss fell only from {first:.3f} to {last:.3f}"
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_run_folder_holds_config_logs_plot_and_sample_grids(quick_run):
+    result, _ = quick_run
+    run = result.run_dir
+    assert T.RunConfig.load(run / "config.json") == result.config
+    assert ckpt.load_checkpoint(run)["config"] == result.config.to_dict()
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(3, 31, 3)) and rows == result.history
+    assert (run / "loss.png").stat().st_size > 1000
+    grids = sorted(p.name for p in (run / "samples").iterdir())
+    assert grids == ["step_0000015.png", "step_0000030.png"] == [p.name for p in result.samples]
+    with Image.open(run / "samples" / "step_0000030.png") as im:
+        assert im.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 4 images of 32 px, 2 per row, 2 px padding
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000015.pt", "step_0000030.pt"]
+
+
+def test_load_model_returns_ema_or_live_weights(quick_run):
+    result, _ = quick_run
+    model, schedule, config = T.load_model(result.run_dir)
+    live, _, _ = T.load_model(result.checkpoint, use_ema=False)
+    assert not model.training and config == result.config and schedule.timesteps == config.diffusion.timesteps
+    state = ckpt.load_checkpoint(result.checkpoint)
+    _assert_identical(dict(model.state_dict()), dict(state["ema"]["shadow"]))
+    _assert_identical(dict(live.state_dict()), dict(state["model"]))
+
+
+def test_sample_cli_writes_a_grid_and_single_images(quick_run, tmp_path, sample_cli):
+    result, _ = quick_run
+    args = ["--ckpt", str(result.run_dir), "--n", "5", "--method", "ddim", "--steps", "3", "--seed", "1",
+            "--device", "cpu", "--no-progress"]
+    grid, paths = sample_cli.main(args + ["--out", str(tmp_path / "grid.png")])
+    assert grid.is_file() and [p.name for p in paths] == [f"{i:03d}.png" for i in range(5)]
+    assert all(p.parent == tmp_path / "grid" for p in paths)
+    with Image.open(paths[0]) as im:
+        assert im.size == (32, 32)
+    again, _ = sample_cli.main(args + ["--out", str(tmp_path / "again.png")])
+    assert again.read_bytes() == grid.read_bytes()  # a seed repeats
+    raw, _ = sample_cli.main(args + ["--out", str(tmp_path / "raw.png"), "--no-ema"])
+    assert raw.read_bytes() != grid.read_bytes()
+    with pytest.raises(SystemExit):
+        sample_cli.main(args + ["--out", str(tmp_path / "c.png"), "--class-label", "3"])  # unconditional model
+
+
+def test_module_entry_points_run(quick_run, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "ddpm.train", "--preset", "flowers64", "--out", str(tmp_path),
+                          "--print-config", "--lr", "1e-4"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["train"]["lr"] == 1e-4
+    grid = tmp_path / "s.png"
+    out = subprocess.run([sys.executable, "-m", "ddpm.sample", "--ckpt", str(quick_run[0].checkpoint), "--n", "2",
+                          "--steps", "2", "--out", str(grid), "--device", "cpu", "--no-progress"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert grid.is_file() and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["000.png", "001.png"]

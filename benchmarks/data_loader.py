@@ -17,40 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from common import default_data_root  # noqa: E402  (importing common puts the repo on sys.path)
 
 from ddpm.data import BatchStream, load_dataset  # noqa: E402
-from ddpm.device import get_device  # noqa: E402
+from ddpm.device import get_device, synchronize  # noqa: E402
 
 
-def default_root() -> str:
-    return os.environ.get("DATA_ROOT") or str(REPO.parent / "shared" / "data" / "flowers102-mini")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def time_stream(stream: BatchStream, n: int) -> float:
     """Seconds per batch, after a few warm-up batches (pinned-memory pool, first CUDA copies)."""
     for _ in range(3):
         next(stream)
-    sync(stream.device)
+    synchronize(stream.device)
     t0 = time.perf_counter()
     for _ in range(n):
         x, y = next(stream)
-    sync(stream.device)
+    synchronize(stream.device)
     return (time.perf_counter() - t0) / n
 
 
@@ -77,18 +66,18 @@ def time_train_step(image_size: int, stream: BatchStream, n: int, device: torch.
 
     if device.type != "cpu":  # warm-up: cuDNN autotuning, allocator, optimizer state (on CPU one step is long enough)
         step()
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(n):
         step()
-    sync(device)
+    synchronize(device)
     n_params = sum(p.numel() for p in model.parameters())
     return (time.perf_counter() - t0) / n, f"UNet(unet_preset({image_size})), {n_params / 1e6:.1f}M params"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=default_root(), help="Flowers102 root (holds flowers-102/) or an image folder")
+    p.add_argument("--data-root", default=default_data_root(), help="Flowers102 root (holds flowers-102/) or an image folder")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")

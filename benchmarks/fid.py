@@ -17,34 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from common import default_data_root  # noqa: E402  (importing common puts the repo on sys.path)
 
 from ddpm.data import load_dataset  # noqa: E402
-from ddpm.device import get_device  # noqa: E402
+from ddpm.device import get_device, synchronize  # noqa: E402
 from ddpm.metrics import FIDEvaluator, extract_features, fid_kid_from_features, format_protocol, load_inception  # noqa: E402,E501
 
 
-def default_root() -> str:
-    return os.environ.get("DATA_ROOT") or str(REPO.parent / "shared" / "data" / "flowers102-mini")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=default_root(),
+    parser.add_argument("--data-root", default=default_data_root(),
                         help="Flowers102 root (default: $DATA_ROOT or the shared copy)")
     parser.add_argument("--num-images", type=int, default=None,
                         help="real and generated images each (default 100, --quick 25)")
@@ -66,10 +56,10 @@ def main() -> None:
     extractor = load_inception(args.weights, device=device)
     for _ in range(2):  # warm-up: TorchScript profiles its first call and optimises on the second
         extract_features(extractor, generated[:8])
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     generated_features = extract_features(extractor, generated, batch_size=args.batch_size)
-    sync(device)
+    synchronize(device)
     images_per_s = n / (time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -86,7 +76,7 @@ def main() -> None:
         cached_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     fid_kid_from_features(warm.real_features.to(device), generated_features.to(device))
-    sync(device)
+    synchronize(device)
     maths_s = time.perf_counter() - t0
 
     print(format_protocol(result))

@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from common import REPO, default_data_root  # (importing common puts the repo on sys.path)
 from ddpm import get_device
 from ddpm.data import load_dataset
 from ddpm.metrics import FIDEvaluator
 from ddpm.sample import generate
 from ddpm.train import apply_overrides, load_model, preset, save_sample_grid, train
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def default_data_root() -> str:
-    return os.environ.get("DATA_ROOT") or str(REPO.parent / "shared" / "data" / "flowers102-mini")
 
 
 def train_for_budget(config, out: Path, budget_s: float, chunk: int) -> tuple[int, float, float]:

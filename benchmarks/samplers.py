@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import common  # noqa: F401  (importing it puts the repo on sys.path)
 from ddpm import DEFAULT_STEPS, GaussianDenoiser, gaussian_errors, get_device, make_schedule
 from ddpm.samplers import sample
 from ddpm.device import autocast

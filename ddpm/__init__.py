@@ -12,3 +12,11 @@ from .diffusion import LOSS_TYPES, PREDICTION_TYPES, predict_epsilon, predict_x0
 from .oracle import GaussianDenoiser, gaussian_errors
 from .samplers import DEFAULT_SPACING, DEFAULT_STEPS, METHODS, set_timesteps
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
+
+__all__ = [
+    "autocast", "autocast_dtype", "get_device", "seed_everything",
+    "LOSS_TYPES", "PREDICTION_TYPES", "predict_epsilon", "predict_x0", "training_loss",
+    "GaussianDenoiser", "gaussian_errors",
+    "DEFAULT_SPACING", "DEFAULT_STEPS", "METHODS", "set_timesteps",
+    "SCHEDULES", "NoiseSchedule", "make_schedule",
+]

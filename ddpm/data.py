@@ -29,6 +29,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from .checkpoint import save_checkpoint
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("flowers102", "folder")
@@ -334,7 +336,7 @@ def _cache_name(source: str, root: Path, split: str, image_size: int, key: str) 
 
 def _write_cache_or_warn(path: Path, payload: dict) -> None:
     try:
-        _write_cache(path, payload)
+        save_checkpoint(path, payload)  # atomic: a crash leaves the old file or none, never half of one
     except OSError as err:  # a read-only data dir should not stop training, only make the next start slower
         warnings.warn(f"could not write the cache {path} ({err}); continuing without it", stacklevel=3)
         return
@@ -364,20 +366,6 @@ def _check_payload(payload: dict, key: str) -> None:
         raise ValueError(f"images are {images.dtype} {tuple(images.shape)} for {n} files")
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels have shape {tuple(labels.shape)} for {n} files")
-
-
-def _write_cache(path: Path, payload: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash leaves the old file or none, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
 
 
 # -----------------------------------------------------------------------------

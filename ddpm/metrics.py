@@ -38,6 +38,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from .checkpoint import save_checkpoint
 from .device import get_device
 
 WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
@@ -418,11 +419,8 @@ class FIDEvaluator:
         if self.real_features is None:
             self.real_features = extract_features(self.extractor, images, batch_size=batch_size)
             if self.cache_path is not None:
-                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
-                torch.save({"features": self.real_features, "version": CACHE_VERSION,
-                            "extractor": self.extractor.identity}, tmp)
-                os.replace(tmp, self.cache_path)  # atomic: a crash never leaves half a cache file
+                save_checkpoint(self.cache_path, {"features": self.real_features, "version": CACHE_VERSION,
+                                                  "extractor": self.extractor.identity})  # atomic
         self._fid, self._kid, self._metric_device = _metrics(self.extractor.num_features, kid_subsets=kid_subsets,
                                                              device=self.extractor.device)
         self._real_on_device = self.real_features.to(self._metric_device)

@@ -379,7 +379,7 @@ def _setup_dist(device_pref: str) -> tuple[_Dist, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
         return _Dist(), get_device(device_pref)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # the rank itself comes from the process group
     device = get_device(device_pref)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -252,7 +252,7 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 def test_unwritable_cache_warns_and_goes_on(tmp_path, monkeypatch):
     def read_only(path, payload):
         raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(data, "_write_cache", read_only)
+    monkeypatch.setattr(data, "save_checkpoint", read_only)
     with pytest.warns(UserWarning, match="could not write the cache .*Permission denied.*continuing without it"):
         ds = load_dataset("folder", small_folder(tmp_path / "imgs"), image_size=8, cache_dir=tmp_path / "cache")
     assert len(ds) == 3

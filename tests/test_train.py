@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from ddpm import checkpoint as ckpt
-import ddpm
 from ddpm import diffusion
 from ddpm import train as T
 

@@ -21,12 +21,14 @@ from .device import autocast
 
 def generate(model, schedule, config, *, n: int, method: str = "dpmpp_2m", steps: int | None = None,
              eta: float = 0.0, seed: int = 0, class_label: int | None = None, guidance_scale: float = 1.0,
-             batch_size: int | None = None, precision: str = "auto", progress: bool = True) -> torch.Tensor:
+             batch_size: int | None = None, precision: str = "auto", progress: bool = True,
+             callback=None) -> torch.Tensor:
     """n images in [-1, 1] (float32, CPU) from a model returned by ddpm.train.load_model.
 
     class_label: for a conditional model, the class of every image (None: classes 0, 1, 2, ... in turn).
     batch_size:  images per sampler call (default all n); the chunks draw from one generator in turn,
                  so the same (seed, batch_size) gives the same images.
+    callback:    passed to ddpm.samplers.sample: callback(i, t, x_t, x0_pred) at every step of every chunk.
     """
     if n < 1:
         raise ValueError(f"n={n} must be at least 1")
@@ -53,7 +55,7 @@ def generate(model, schedule, config, *, n: int, method: str = "dpmpp_2m", steps
                 model, schedule, (m, config.model.in_channels, size, size), method=method, steps=steps, eta=eta,
                 prediction_type=config.diffusion.prediction_type, generator=generator,
                 y=labels[start:start + m] if labels is not None else None,
-                guidance_scale=guidance_scale, progress=progress, device=device).float().cpu())
+                guidance_scale=guidance_scale, progress=progress, callback=callback, device=device).float().cpu())
     return torch.cat(chunks)
 
 

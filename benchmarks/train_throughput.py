@@ -1,0 +1,245 @@
+"""How fast does the UNet train, and how close is that to what the hardware can do?
+
+    python benchmarks/train_throughput.py                       # 32/64/128 px presets, fp32 and bf16
+    python benchmarks/train_throughput.py --sizes 64 --precision bf16 --steps 10
+    python benchmarks/train_throughput.py --quick               # smoke test: tiny model, seconds
+
+For each preset: parameters, forward GFLOPs per image (FlopCounterMode at batch 1, a multiply-add
+counted as 2 FLOPs), and a full training step (forward + loss + backward + AdamW + EMA update) in
+images/s, with the peak memory of a process that ran only that configuration. Utilisation is
+    3 x forward FLOPs x images/s / peak,
+(backward costs about twice the forward), where the peak is what a dense 3x3 conv (forward + backward,
+channels_last, the same precision) reaches in the same process just before and just after the timed
+steps, the faster of the two. Times are the fastest of --steps steps: other jobs on the machine can
+only slow a step down. A large matmul is measured too. Prints a table, then the results as one line
+of JSON (the last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from ddpm.device import get_device  # noqa: E402
+
+DEFAULT_BATCH = {32: 64, 64: 32, 128: 16}
+QUICK_OVERRIDES = {"base_channels": 32, "channel_mults": (1, 2), "attention_resolutions": (16,), "groups": 8}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_it(fn, device: torch.device, *, steps: int, warmup: int) -> float:
+    """Seconds of the fastest call: other processes can only make a call slower, never faster."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def forward_flops(model: torch.nn.Module, image_size: int, in_channels: int, device: torch.device) -> int:
+    """FLOPs of one forward at batch 1, as FlopCounterMode counts them (multiply-add = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash(q, k, v, *args, out_shape=None, **kwargs):  # not in FlopCounterMode's registry
+        return sdpa_flop_count(q, k, v)
+
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash})
+    x = torch.randn(1, in_channels, image_size, image_size, device=device)
+    with counter, torch.no_grad():
+        model(x, torch.tensor([500], device=device))
+    return counter.get_total_flops()
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def peak_shape(quick: bool) -> tuple[int, int, int]:
+    return (4, 64, 16) if quick else (32, 128, 32)  # batch, channels, size
+
+
+def conv_peak(device: torch.device, precision: str, *, channels_last: bool, quick: bool) -> float:
+    """GFLOP/s of a dense 3x3 conv, forward + backward: what the hardware does on the UNet's main op."""
+    b, c, s = peak_shape(quick)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(device, memory_format=fmt)
+    # inside the UNet activations are already bf16 under autocast: time the conv, not a cast
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x = torch.randn(b, c, s, s, device=device).to(dtype, memory_format=fmt).requires_grad_()
+
+    def conv_step():
+        with autocast(device, precision):
+            y = conv(x)
+        y.backward(torch.ones_like(y))
+
+    steps, warmup = (2, 1) if quick else (8, 2)
+    return 3 * 2 * b * c * c * 9 * s * s / time_it(conv_step, device, steps=steps, warmup=warmup) / 1e9
+
+
+def matmul_peak(device: torch.device, precision: str, *, quick: bool) -> float:
+    n = 512 if quick else 2048
+    a, m = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def matmul():
+        with autocast(device, precision):
+            a @ m
+
+    return 2 * n**3 / time_it(matmul, device, steps=2 if quick else 8, warmup=1 if quick else 2) / 1e9
+
+
+def run_config(args) -> dict:
+    """One (size, precision) configuration: build, count, time. Runs in its own process."""
+    from ddpm.diffusion import training_loss
+    from ddpm.ema import EMA
+    from ddpm.schedules import make_schedule
+    from ddpm.unet import UNet, unet_preset
+
+    device = get_device(args.device)
+    torch.manual_seed(0)
+    overrides = dict(QUICK_OVERRIDES) if args.quick else {}
+    if args.checkpointing:
+        overrides["gradient_checkpointing"] = True
+    config = unet_preset(args.size, args.variant, **overrides)
+    model = UNet(config).to(device)
+    fmt = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = forward_flops(model, config.image_size, config.in_channels, device)
+    # fused AdamW where it exists (CUDA, and CPU in recent torch), else the multi-tensor one
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    ema = EMA(model, decay=0.999)
+    schedule = make_schedule("linear")
+    train_model = torch.compile(model) if args.compile else model
+    x0 = (torch.rand(args.batch_size, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1)
+    x0 = x0.contiguous(memory_format=fmt)
+
+    def step():
+        with autocast(device, args.precision):
+            loss = training_loss(train_model, schedule, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    channels_last, quick = args.channels_last == "on", args.quick
+    # the peak right before and right after the steps, in this process: the ratio is fair even when
+    # other jobs come and go on the machine
+    peak = conv_peak(device, args.precision, channels_last=channels_last, quick=quick)
+    sec = time_it(step, device, steps=args.steps, warmup=args.warmup)
+    peak = max(peak, conv_peak(device, args.precision, channels_last=channels_last, quick=quick))
+    result = {
+        "image_size": args.size, "variant": args.variant, "precision": args.precision, "batch_size": args.batch_size,
+        "params": n_params, "fwd_gflops_per_image": flops / 1e9, "step_ms": sec * 1e3,
+        "images_per_s": args.batch_size / sec, "achieved_gflops": 3 * flops * args.batch_size / sec / 1e9,
+        "conv_peak_gflops": peak, "utilisation": 3 * flops * args.batch_size / sec / 1e9 / peak,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    p.add_argument("--sizes", default="32,64,128", help="comma-separated preset image sizes")
+    p.add_argument("--variant", default="attention", choices=("simple", "attention"))
+    p.add_argument("--precision", default="both", choices=("both", "fp32", "bf16"))
+    p.add_argument("--batch-size", type=int, default=None, help=f"default per size: {DEFAULT_BATCH}")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--channels-last", default="on", choices=("on", "off"))
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the UNet")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
+    p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)  # worker: one size
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args._one is not None:  # worker process: one configuration, one JSON line
+        args.size = args._one
+        print(json.dumps(run_config(args)))
+        return
+
+    device = get_device(None if args.device == "auto" else args.device)
+    if args.quick:
+        args.sizes, args.steps, args.warmup = "32", 1, 1
+    sizes = [int(s) for s in args.sizes.split(",")]
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+
+    results = []
+    for size in sizes:
+        for precision in precisions:
+            batch = args.batch_size or (2 if args.quick else DEFAULT_BATCH.get(size, 16))
+            cmd = [sys.executable, __file__, "--_one", str(size), "--device", str(device), "--variant", args.variant,
+                   "--precision", precision, "--batch-size", str(batch), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--channels-last", args.channels_last]
+            cmd += ["--quick"] * args.quick + ["--checkpointing"] * args.checkpointing + ["--compile"] * args.compile
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"benchmark of {size} px {precision} failed:\n{proc.stderr[-3000:]}")
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    peaks = {f"conv_{r['precision']}": max(x["conv_peak_gflops"] for x in results if x["precision"] == r["precision"])
+             for r in results}
+    peaks.update({f"matmul_{p}": matmul_peak(device, p, quick=args.quick) for p in precisions})
+    b, c, s = peak_shape(args.quick)
+    peaks["conv_shape"] = f"3x3 conv {c}->{c} ch, {s}x{s}, batch {b}, fwd+bwd, channels_last={args.channels_last}"
+
+    print(f"\nUNet training throughput on {device} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
+          f"variant={args.variant}, channels_last={args.channels_last}"
+          + (", gradient checkpointing" if args.checkpointing else "") + (", compiled" if args.compile else ""))
+    print(f"peak, {peaks['conv_shape']} (each row: its own, measured around its steps): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if k != "conv_shape") + " GFLOP/s")
+    header = f"{'size':>5} {'batch':>5} {'params':>8} {'GFLOP/img':>9} {'prec':>5} {'img/s':>8} {'ms/step':>8} " \
+             f"{'GFLOP/s':>8} {'peak':>6} {'util':>6} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['image_size']:>5} {r['batch_size']:>5} {r['params'] / 1e6:>7.2f}M {r['fwd_gflops_per_image']:>9.2f} "
+              f"{r['precision']:>5} {r['images_per_s']:>8.2f} {r['step_ms']:>8.0f} {r['achieved_gflops']:>8.0f} "
+              f"{r['conv_peak_gflops']:>6.0f} "
+              f"{r['utilisation']:>6.1%} {r.get('peak_cuda_mb', r['peak_rss_mb']):>8.0f}")
+    print(json.dumps({"benchmark": "train_throughput", "device": str(device), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "variant": args.variant, "channels_last": args.channels_last == "on",
+                      "checkpointing": args.checkpointing, "compile": args.compile, "quick": args.quick,
+                      "peaks_gflops": peaks, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

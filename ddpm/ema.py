@@ -1,0 +1,116 @@
+"""Exponential moving average of a model's weights: the weights DDPM samples with.
+
+    shadow <- decay_t * shadow + (1 - decay_t) * live,   decay_t = min(decay, (1 + n) / (10 + n))
+
+n counts the averaging updates made so far, so early on (n small) the average forgets the random
+initialisation quickly. Parameters and floating-point buffers are averaged, other buffers copied.
+The shadow stays in fp32 whatever the live model's dtype, and is updated with foreach ops (one
+kernel launch per group of tensors, not one per tensor): this runs after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        inner = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+class EMA:
+    def __init__(self, model: nn.Module, *, decay: float = 0.9999, update_after_step: int = 0,
+                 update_every: int = 1, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay={decay} must be in [0, 1)")
+        if update_after_step < 0 or update_every < 1:
+            raise ValueError(f"need update_after_step >= 0 and update_every >= 1, "
+                             f"got {update_after_step} and {update_every}")
+        self.model = unwrap(model)
+        self.decay, self.update_after_step, self.update_every, self.warmup = decay, update_after_step, update_every, warmup
+        self.step = 0         # update() calls so far
+        self.num_updates = 0  # averaging updates so far (the n of the warm-up)
+        live = self._live()
+        self.names = list(live)
+        self.shadow = OrderedDict((k, v.detach().clone().float() if v.is_floating_point() else v.detach().clone())
+                                  for k, v in live.items())
+
+    def _live(self) -> OrderedDict:
+        # keep_vars: the parameters themselves, so copies into them reach the model
+        return self.model.state_dict(keep_vars=True)
+
+    def current_decay(self) -> float:
+        """The decay the next averaging update will use."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Call once after every optimizer step."""
+        self.step += 1
+        live = self._live()
+        if self.step <= self.update_after_step:  # too early to average: track the live weights
+            torch._foreach_copy_(list(self.shadow.values()), [live[k].detach() for k in self.names])
+            return
+        if (self.step - self.update_after_step) % self.update_every:
+            return
+        floats = [k for k in self.names if self.shadow[k].is_floating_point()]
+        others = [k for k in self.names if not self.shadow[k].is_floating_point()]
+        src = [live[k].detach() for k in floats]
+        if any(s.dtype != torch.float32 for s in src):
+            src = [s.float() for s in src]
+        torch._foreach_lerp_([self.shadow[k] for k in floats], src, 1.0 - self.current_decay())
+        if others:
+            torch._foreach_copy_([self.shadow[k] for k in others], [live[k].detach() for k in others])
+        self.num_updates += 1
+
+    def shadow_state_dict(self) -> OrderedDict:
+        """The averaged weights as a state_dict for model.load_state_dict (references, not copies)."""
+        return OrderedDict(self.shadow)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Put the EMA weights into the live model for the body (e.g. sampling), then restore the
+        live weights, also when the body raises. Yields the model."""
+        live = self._live()
+        tensors = [live[k].detach() for k in self.names]
+        backup = [t.clone() for t in tensors]
+        with torch.no_grad():
+            for t, s in zip(tensors, self.shadow.values()):
+                t.copy_(s)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(tensors, backup)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "update_after_step": self.update_after_step, "update_every": self.update_every,
+                "warmup": self.warmup, "step": self.step, "num_updates": self.num_updates,
+                "shadow": OrderedDict((k, v.clone()) for k, v in self.shadow.items())}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        missing, unexpected = set(self.names) - set(shadow), set(shadow) - set(self.names)
+        if missing or unexpected:
+            raise ValueError(f"EMA state does not match this model: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}; was it saved for another UNetConfig?")
+        for k in self.names:
+            if shadow[k].shape != self.shadow[k].shape:
+                raise ValueError(f"EMA state {k!r} has shape {tuple(shadow[k].shape)}, "
+                                 f"this model {tuple(self.shadow[k].shape)}")
+            self.shadow[k].copy_(shadow[k])
+        self.decay, self.update_after_step = float(state["decay"]), int(state["update_after_step"])
+        self.update_every, self.warmup = int(state["update_every"]), bool(state["warmup"])
+        self.step, self.num_updates = int(state["step"]), int(state["num_updates"])

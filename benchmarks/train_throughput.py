@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from ddpm.device import get_device  # noqa: E402
+from ddpm.device import get_device, keep_freed_memory  # noqa: E402
 
 DEFAULT_BATCH = {32: 64, 64: 32, 128: 16}
 QUICK_OVERRIDES = {"base_channels": 32, "channel_mults": (1, 2), "attention_resolutions": (16,), "groups": 8}
@@ -123,6 +123,7 @@ def run_config(args) -> dict:
     from ddpm.unet import UNet, unet_preset
 
     device = get_device(args.device)
+    malloc_kept = keep_freed_memory() if args.malloc == "keep" else False
     torch.manual_seed(0)
     overrides = dict(QUICK_OVERRIDES) if args.quick else {}
     if args.checkpointing:
@@ -165,7 +166,7 @@ def run_config(args) -> dict:
         "params": n_params, "fwd_gflops_per_image": flops / 1e9, "step_ms": sec * 1e3,
         "images_per_s": args.batch_size / sec, "achieved_gflops": 3 * flops * args.batch_size / sec / 1e9,
         "conv_peak_gflops": peak, "utilisation": 3 * flops * args.batch_size / sec / 1e9 / peak,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "malloc_keep": malloc_kept,
     }
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -183,6 +184,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--channels-last", default="on", choices=("on", "off"))
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the UNet")
+    p.add_argument("--malloc", default="keep", choices=("system", "keep"),
+                   help="keep (what python -m ddpm.train does): glibc keeps freed memory; see ddpm.device.keep_freed_memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
@@ -208,7 +211,7 @@ def main() -> None:
             batch = args.batch_size or (2 if args.quick else DEFAULT_BATCH.get(size, 16))
             cmd = [sys.executable, __file__, "--_one", str(size), "--device", str(device), "--variant", args.variant,
                    "--precision", precision, "--batch-size", str(batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--channels-last", args.channels_last]
+                   "--warmup", str(args.warmup), "--channels-last", args.channels_last, "--malloc", args.malloc]
             cmd += ["--quick"] * args.quick + ["--checkpointing"] * args.checkpointing + ["--compile"] * args.compile
             cmd += ["--threads", str(args.threads)] if args.threads else []
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -222,7 +225,7 @@ def main() -> None:
     peaks["conv_shape"] = f"3x3 conv {c}->{c} ch, {s}x{s}, batch {b}, fwd+bwd, channels_last={args.channels_last}"
 
     print(f"\nUNet training throughput on {device} ({torch.get_num_threads()} threads, torch {torch.__version__}), "
-          f"variant={args.variant}, channels_last={args.channels_last}"
+          f"variant={args.variant}, channels_last={args.channels_last}, malloc={args.malloc}"
           + (", gradient checkpointing" if args.checkpointing else "") + (", compiled" if args.compile else ""))
     print(f"peak, {peaks['conv_shape']} (each row: its own, measured around its steps): "
           + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if k != "conv_shape") + " GFLOP/s")
@@ -237,7 +240,7 @@ def main() -> None:
               f"{r['utilisation']:>6.1%} {r.get('peak_cuda_mb', r['peak_rss_mb']):>8.0f}")
     print(json.dumps({"benchmark": "train_throughput", "device": str(device), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "variant": args.variant, "channels_last": args.channels_last == "on",
-                      "checkpointing": args.checkpointing, "compile": args.compile, "quick": args.quick,
+                      "checkpointing": args.checkpointing, "compile": args.compile, "malloc": args.malloc, "quick": args.quick,
                       "peaks_gflops": peaks, "results": results}))
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -94,3 +97,23 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS.
+
+    glibc serves allocations above 32 MiB with mmap and unmaps them on free, so each new tensor that
+    large (a 64-channel 128x128 activation at batch 16 is 33.5 MB) is fresh memory that page-faults
+    on first touch, at every step. With mmap off and no trimming, a step reuses the previous step's
+    memory: ~6% faster at 64 px, ~18% at 128 px, for a few hundred MB more peak RSS (fragmentation).
+    A process-wide setting, so entry points call it (python -m ddpm.train, the benchmarks), not the library.
+    Returns whether it took effect (False off Linux/glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False

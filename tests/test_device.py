@@ -58,3 +58,14 @@ def test_seed_everything_repeats():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     dev.seed_everything(7)
     assert first == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_keep_freed_memory_in_a_fresh_process():
+    # process-wide malloc setting: run it where it cannot leak into the test session
+    import subprocess
+    import sys
+
+    code = "from ddpm.device import keep_freed_memory; import torch; r = keep_freed_memory(); " \
+           "x = [torch.ones(2**23) for _ in range(3)]; del x; print(r)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("True" if sys.platform.startswith("linux") else "False")

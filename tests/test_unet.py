@@ -145,6 +145,8 @@ def test_presets(size, variant):
         assert c.attention_resolutions == (16,) and c.mid_attention
     assert all(ch % 32 == 0 for ch in c.level_channels)  # widths that vectorise well
     assert unet_preset(size, variant, num_classes=102).num_classes == 102
+    # any field can be overridden, image_size too (a 32 px architecture trained at 64 px)
+    assert unet_preset(32, variant, image_size=64).image_size == 64
 
 
 def test_preset_errors_name_valid_values():

@@ -94,6 +94,8 @@ def main() -> None:
         rows.append({"method": method, "nfe": nfe, "fid": round(scores["fid"], 2),
                      "kid_mean": round(scores["kid_mean"], 5), "kid_std": round(scores["kid_std"], 5),
                      "sample_s": round(sample_s, 1)})
+        print(f"  {method} {nfe} NFE: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f}, "
+              f"sampling {sample_s:.0f} s", flush=True)
 
     params = sum(p.numel() for p in model.parameters())
     print(f"\n{steps} steps (batch {cfg.train.batch_size}) in {cpu_s / 60:.1f} CPU-min / {wall_s / 60:.1f} wall-min; "

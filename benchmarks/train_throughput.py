@@ -30,17 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from ddpm.device import get_device, keep_freed_memory  # noqa: E402
+from ddpm.device import get_device, keep_freed_memory, synchronize  # noqa: E402
 
 DEFAULT_BATCH = {32: 64, 64: 32, 128: 16}
 QUICK_OVERRIDES = {"base_channels": 32, "channel_mults": (1, 2), "attention_resolutions": (16,), "groups": 8}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def time_it(fn, device: torch.device, *, steps: int, warmup: int) -> float:
@@ -49,10 +42,10 @@ def time_it(fn, device: torch.device, *, steps: int, warmup: int) -> float:
         fn()
     times = []
     for _ in range(steps):
-        sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -159,14 +152,19 @@ def run_config(args) -> dict:
     # the peak right before and right after the steps, in this process: the ratio is fair even when
     # other jobs come and go on the machine
     peak = conv_peak(device, args.precision, channels_last=channels_last, quick=quick)
-    sec = time_it(step, device, steps=args.steps, warmup=args.warmup)
+    # the first step includes torch.compile's compilation (and one-off allocator warm-up): report it apart
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    sec = time_it(step, device, steps=args.steps, warmup=max(args.warmup - 1, 0))
     peak = max(peak, conv_peak(device, args.precision, channels_last=channels_last, quick=quick))
     result = {
         "image_size": args.size, "variant": args.variant, "precision": args.precision, "batch_size": args.batch_size,
         "params": n_params, "fwd_gflops_per_image": flops / 1e9, "step_ms": sec * 1e3,
         "images_per_s": args.batch_size / sec, "achieved_gflops": 3 * flops * args.batch_size / sec / 1e9,
         "conv_peak_gflops": peak, "utilisation": 3 * flops * args.batch_size / sec / 1e9 / peak,
-        "peak_rss_mb": peak_rss_mb(), "malloc_keep": malloc_kept,
+        "peak_rss_mb": peak_rss_mb(), "malloc_keep": malloc_kept, "first_step_s": first_step_s,
     }
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -230,14 +228,14 @@ def main() -> None:
     print(f"peak, {peaks['conv_shape']} (each row: its own, measured around its steps): "
           + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if k != "conv_shape") + " GFLOP/s")
     header = f"{'size':>5} {'batch':>5} {'params':>8} {'GFLOP/img':>9} {'prec':>5} {'img/s':>8} {'ms/step':>8} " \
-             f"{'GFLOP/s':>8} {'peak':>6} {'util':>6} {'peak MB':>8}"
+             f"{'GFLOP/s':>8} {'peak':>6} {'util':>6} {'peak MB':>8} {'1st step s':>10}"
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r['image_size']:>5} {r['batch_size']:>5} {r['params'] / 1e6:>7.2f}M {r['fwd_gflops_per_image']:>9.2f} "
               f"{r['precision']:>5} {r['images_per_s']:>8.2f} {r['step_ms']:>8.0f} {r['achieved_gflops']:>8.0f} "
               f"{r['conv_peak_gflops']:>6.0f} "
-              f"{r['utilisation']:>6.1%} {r.get('peak_cuda_mb', r['peak_rss_mb']):>8.0f}")
+              f"{r['utilisation']:>6.1%} {r.get('peak_cuda_mb', r['peak_rss_mb']):>8.0f} {r['first_step_s']:>10.1f}")
     print(json.dumps({"benchmark": "train_throughput", "device": str(device), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "variant": args.variant, "channels_last": args.channels_last == "on",
                       "checkpointing": args.checkpointing, "compile": args.compile, "malloc": args.malloc, "quick": args.quick,

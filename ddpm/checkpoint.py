@@ -12,6 +12,7 @@ Run folder layout:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -90,6 +91,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _replaced_atomically(path: Path):
+    """Yield a temporary file name beside `path`; when the block succeeds, rename it onto `path` (atomic on
+    POSIX and Windows), else delete it. Either way no half-written file is ever visible at `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
 
@@ -100,20 +117,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
         raise TypeError(f"save_checkpoint expects a dict, got {type(state).__name__}")
     _check_loadable(state)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -170,24 +177,14 @@ def step_path(run_dir: str | os.PathLike, step: int) -> Path:
 
 def _update_latest(run_dir: Path, source: Path) -> None:
     """Point latest.pt at `source` atomically: a hard link (no extra disk) or, where links fail, a copy."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{LATEST}.", suffix=".tmp", dir=run_dir)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+    with _replaced_atomically(run_dir / LATEST) as tmp:
+        os.unlink(tmp)  # os.link wants a free name
         try:
             os.link(source, tmp)
         except OSError:  # FAT, some network mounts: no hard links
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, run_dir / LATEST)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(run_dir)
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, state: dict, *, step: int, keep_last: int = 3) -> Path:

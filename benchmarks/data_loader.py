@@ -26,7 +26,7 @@ import torch
 from common import default_data_root  # noqa: E402  (importing common puts the repo on sys.path)
 
 from ddpm.data import BatchStream, load_dataset  # noqa: E402
-from ddpm.device import get_device, synchronize  # noqa: E402
+from ddpm.device import get_device, keep_freed_memory, synchronize  # noqa: E402
 
 
 
@@ -49,23 +49,25 @@ def time_train_step(image_size: int, stream: BatchStream, n: int, device: torch.
         from ddpm.device import autocast
         from ddpm.diffusion import training_loss
         from ddpm.schedules import make_schedule
+        from ddpm.train import optimizer_impl
         from ddpm.unet import UNet, unet_preset
     except ImportError as err:
         return None, f"not timed: {err}"
-    model = UNet(unet_preset(image_size)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # the step python -m ddpm.train takes: channels_last, its AdamW flags, bf16 autocast where native
+    model = UNet(unet_preset(image_size)).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_impl(device))
     schedule = make_schedule("linear")
 
     def step():
         x, _ = next(stream)
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             loss = training_loss(model, schedule, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    if device.type != "cpu":  # warm-up: cuDNN autotuning, allocator, optimizer state (on CPU one step is long enough)
-        step()
+    step()  # warm-up, not timed: cuDNN autotuning, allocator, optimizer state (a slow first step would flatter the loader)
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(n):
@@ -89,6 +91,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = get_device(args.device)
+    keep_freed_memory()  # as python -m ddpm.train does
     root = Path(args.data_root)
     source = "flowers102" if (root / "flowers-102").is_dir() else "folder"
     n_batches, n_steps = (20, 1) if args.quick else (200, 5)

@@ -112,6 +112,7 @@ def run_config(args) -> dict:
     """One (size, precision) configuration: build, count, time. Runs in its own process."""
     from ddpm.diffusion import training_loss
     from ddpm.ema import EMA
+    from ddpm.train import optimizer_impl
     from ddpm.schedules import make_schedule
     from ddpm.unet import UNet, unet_preset
 
@@ -127,11 +128,7 @@ def run_config(args) -> dict:
     model = model.to(memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
     flops = forward_flops(model, config.image_size, config.in_channels, device)
-    # fused AdamW where it exists (CUDA, and CPU in recent torch), else the multi-tensor one
-    try:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_impl(device))  # what training uses
     ema = EMA(model, decay=0.999)
     schedule = make_schedule("linear")
     train_model = torch.compile(model) if args.compile else model

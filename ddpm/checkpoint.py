@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .device import mps_available
+
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 LATEST = "latest.pt"
 
@@ -203,18 +205,19 @@ def save_run_checkpoint(run_dir: str | os.PathLike, state: dict, *, step: int, k
 
 
 def find_latest(run_dir: str | os.PathLike) -> Path | None:
-    """run_dir/latest.pt if present, else the highest step_XXXXXXX.pt, else None."""
+    """The newest checkpoint in run_dir: latest.pt where it is the highest step_XXXXXXX.pt (or there are
+    none), else that step file (a crash between writing it and relinking latest.pt), else None."""
     run_dir = Path(run_dir)
-    if (run_dir / LATEST).is_file():
-        return run_dir / LATEST
-    steps = list_checkpoints(run_dir)
+    latest, steps = run_dir / LATEST, list_checkpoints(run_dir)
+    if latest.is_file() and (not steps or os.path.samefile(latest, steps[-1])):
+        return latest
     return steps[-1] if steps else None
 
 
 # ---------------------------------------------------------------------------------------------- RNG state
 
 def capture_rng_state() -> dict:
-    """Python, NumPy, torch CPU and CUDA RNG states in a weights_only-loadable form."""
+    """Python, NumPy, torch CPU, CUDA and MPS RNG states in a weights_only-loadable form."""
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     return {
@@ -223,6 +226,8 @@ def capture_rng_state() -> dict:
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        # training on MPS draws its noise and timesteps from the MPS generator
+        "mps": torch.mps.get_rng_state() if mps_available() else None,
     }
 
 
@@ -237,7 +242,9 @@ def restore_rng_state(state: dict) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
-
+    mps = state.get("mps")
+    if mps is not None and mps_available():
+        torch.mps.set_rng_state(mps.cpu())
 
 # ---------------------------------------------------------------------------------------------- compatibility
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 
-def _mps_available() -> bool:
+def mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
@@ -27,7 +27,7 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     if prefer is None or str(prefer) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if _mps_available():
+        if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -40,7 +40,7 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
                                "(torch.cuda.is_available() is False); use device='auto' or 'cpu'")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(f"device={prefer!r} was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps" and not _mps_available():
+    elif device.type == "mps" and not mps_available():
         raise RuntimeError(f"device={prefer!r} was asked for but MPS is not available "
                            "(needs Apple silicon and a macOS build of torch); use device='auto' or 'cpu'")
     elif device.type not in ("cpu", "cuda", "mps"):

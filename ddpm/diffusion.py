@@ -93,6 +93,9 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *, y: torch.
     check_prediction_type(prediction_type)
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
+    if min_snr_gamma is not None and loss_type != "mse":
+        # the weights rescale a *squared* error to min(SNR, gamma) x the x0 error; on l1/huber they would not
+        raise ValueError(f"min_snr_gamma is defined for loss_type='mse' only, got loss_type={loss_type!r}")
     batch = x0.shape[0]
     if timesteps is None:
         timesteps = torch.randint(0, schedule.timesteps, (batch,), device=x0.device)

@@ -325,7 +325,7 @@ def _compute(fid, kid, real: torch.Tensor, fake: torch.Tensor, *, subset_size: i
     # KID draws its subsets with torch.randperm on the global RNG: seed it locally so a score repeats
     # and the caller's RNG stream (training!) is left untouched.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that also reseeds CUDA and MPS
         kid_mean, kid_std = kid.compute()
     low_rank = min(len(real), len(fake)) <= real.shape[1]
     return {"fid": _fid_low_rank(real, fake) if low_rank else float(fid.compute()),

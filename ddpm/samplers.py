@@ -156,7 +156,8 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
         y = torch.full((batch,), y, dtype=torch.long)
     _check_args(model, schedule, method, eta, variance, y, guidance_scale, batch, prediction_type)
     y = y.to(device) if y is not None else None
-    steps = DEFAULT_STEPS[method] if steps is None else steps
+    if steps is None:  # the method's default, but never more steps than the schedule has (T may be small)
+        steps = None if DEFAULT_STEPS[method] is None else min(DEFAULT_STEPS[method], schedule.timesteps)
     timesteps = set_timesteps(schedule, schedule.timesteps if steps is None else steps,
                               spacing=DEFAULT_SPACING[method] if spacing is None else spacing)
     null_class = getattr(model, "null_class", None)

@@ -65,6 +65,8 @@ class DiffusionConfig:
         diffusion.check_prediction_type(self.prediction_type)
         if self.loss_type not in diffusion.LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not one of {diffusion.LOSS_TYPES}")
+        if self.min_snr_gamma is not None and self.loss_type != "mse":
+            raise ValueError(f"min_snr_gamma is defined for loss_type='mse' only, got loss_type={self.loss_type!r}")
         self.make_schedule()  # fails here, with make_schedule's message, on a bad name or parameter
 
     def make_schedule(self):
@@ -152,6 +154,10 @@ class RunConfig:
         if self.model.image_size != self.data.image_size:
             raise ValueError(f"model.image_size={self.model.image_size} but data.image_size={self.data.image_size}; "
                              "set both (the plain override --image_size N does)")
+        T = self.diffusion.timesteps
+        if self.train.sample_steps > T:
+            # caught here, not at the first sample grid hours into the run
+            raise ValueError(f"train.sample_steps={self.train.sample_steps} exceeds diffusion.timesteps={T}")
 
     def to_dict(self) -> dict:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -346,12 +352,13 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), **_optimizer_impl(device))
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), **optimizer_impl(device))
 
 
-def _optimizer_impl(device: torch.device) -> dict:
-    # fused: one kernel for all parameters on CUDA; foreach: batched ops elsewhere.
-    return {"fused": True, "foreach": None} if device.type == "cuda" else {"fused": None, "foreach": True}
+def optimizer_impl(device: torch.device | str) -> dict:
+    """AdamW's implementation flags for `device`: fused (one kernel for all parameters) on CUDA and CPU,
+    foreach (batched ops) on MPS, where fused support depends on the torch and macOS versions."""
+    return {"fused": None, "foreach": True} if torch.device(device).type == "mps" else {"fused": True, "foreach": None}
 
 
 @dataclass
@@ -568,7 +575,8 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
 
     schedule = cfg.diffusion.make_schedule()
     seed_everything(tc.seed)
-    raw_model = build_model(cfg).to(device)
+    # channels_last: the layout the UNet is tuned for (conv kernels, its GroupNorm, copy-free attention)
+    raw_model = build_model(cfg).to(device, memory_format=torch.channels_last)
     ema = EMA(raw_model, decay=tc.ema_decay, update_after_step=tc.ema_update_after_step,
               update_every=tc.ema_update_every)
     optimizer = make_optimizer(raw_model, tc, device)
@@ -579,9 +587,12 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
         ema.load_state_dict(state["ema"])
         # the EMA settings of this run win over the checkpoint's (a change was reported above)
         ema.decay, ema.update_after_step, ema.update_every = tc.ema_decay, tc.ema_update_after_step, tc.ema_update_every
+        # The checkpoint may come from another device type: its fused/foreach flags must be this device's
+        # *before* loading, because load_state_dict places the `step` counters by them (a CPU-made state
+        # loaded as is on CUDA leaves them on the CPU and fused AdamW then fails on a device mismatch).
+        for g in state["optimizer"]["param_groups"]:
+            g.update(optimizer_impl(device))
         optimizer.load_state_dict(state["optimizer"])
-        for g in optimizer.param_groups:  # the checkpoint may come from another device type
-            g.update(_optimizer_impl(device))
         step = int(state["step"])
         try:  # the exact data position and RNG draws, where this run has the same shape as the saved one
             if int(state.get("world_size", 1)) != d.world_size:
@@ -660,6 +671,7 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
             step_loss = torch.zeros((), device=device)
             for micro in range(tc.grad_accum):
                 x, y = next(stream)
+                x = x.contiguous(memory_format=torch.channels_last)  # as the model's weights
                 if tc.conditional:
                     y = y.to(device)
                     if tc.class_dropout > 0:  # drop labels to the null class: teaches the unconditional model too

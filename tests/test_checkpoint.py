@@ -122,3 +122,11 @@ def test_config_mismatch_is_refused_naming_each_difference():
     assert "checkpoint has num_classes=None, this run has 102" in msg
     assert "channel_mults" not in msg and "dropout" not in msg  # tuple vs JSON list, and equal values: no complaint
     ckpt.check_compatible(saved, dict(saved))  # identical: fine
+
+
+def test_find_latest_prefers_a_newer_step_file_than_latest(tmp_path):
+    # a crash between writing step_N.pt and relinking latest.pt must not lose the newer checkpoint
+    ckpt.save_run_checkpoint(tmp_path, {"step": 1}, step=1, keep_last=0)
+    assert ckpt.find_latest(tmp_path) == tmp_path / "latest.pt"
+    ckpt.save_checkpoint(tmp_path / "step_0000002.pt", {"step": 2})  # latest.pt still points at step 1
+    assert ckpt.find_latest(tmp_path) == tmp_path / "step_0000002.pt"

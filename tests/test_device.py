@@ -10,9 +10,9 @@ from ddpm import device as dev
 def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.delenv("DDPM_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    monkeypatch.setattr(dev, "mps_available", lambda: False)
     assert dev.get_device() == torch.device("cpu")
-    monkeypatch.setattr(dev, "_mps_available", lambda: True)
+    monkeypatch.setattr(dev, "mps_available", lambda: True)
     assert dev.get_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert dev.get_device() == torch.device("cuda")
@@ -20,7 +20,7 @@ def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
 
 def test_explicit_choice_wins_and_must_exist(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(dev, "_mps_available", lambda: False)
+    monkeypatch.setattr(dev, "mps_available", lambda: False)
     assert dev.get_device("cpu") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         dev.get_device("cuda")

@@ -86,6 +86,7 @@ def test_conditional_model_receives_labels(batch):
     ({"prediction_type": "score"}, "valid: epsilon, sample, v_prediction"),
     ({"loss_type": "l2"}, "valid: mse, l1, huber"),
     ({"min_snr_gamma": 0.0}, "min_snr_gamma"),
+    ({"min_snr_gamma": 5.0, "loss_type": "l1"}, "min_snr_gamma is defined for loss_type='mse' only"),
 ])
 def test_bad_arguments(batch, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -133,6 +133,14 @@ def test_respaced_ddpm_and_beta_variance():
     assert not torch.allclose(full, beta)
 
 
+def test_default_steps_never_exceed_the_schedule():
+    s = make_schedule("cosine", timesteps=12)  # fewer than DDIM's 50 and DPM-Solver++'s 20 default steps
+    seen = []
+    for method in ("ddim", "dpmpp_2m"):
+        draw(GaussianDenoiser(s, MEAN, STD), s, 2, method=method, callback=lambda i, t, x, x0: seen.append(t))
+    assert len(seen) == 2 * 12
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "euler"}, "valid: ddpm, ddim, dpmpp_2m"),
     ({"method": "ddim", "steps": 0}, r"\[1, 1000\]"),

@@ -84,6 +84,8 @@ def test_overrides_parse_by_field_type():
     (["--lr"], "--lr needs a value"),
     (["--precision", "fp16"], "precision='fp16'"),
     (["--model.image_size", "16"], "model.image_size=16 but data.image_size=32"),
+    (["--timesteps", "10", "--sample_steps", "20"], "sample_steps=20 exceeds diffusion.timesteps=10"),
+    (["--min_snr_gamma", "5", "--loss_type", "huber"], "defined for loss_type='mse' only"),
 ])
 def test_bad_overrides_are_clear_errors(args, message):
     with pytest.raises(ValueError, match=message):

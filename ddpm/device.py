@@ -50,9 +50,13 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
-    cpu = getattr(torch._C, "_cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks) if cpu else False
+    # torch.cpu's private probes (the same cpuinfo queries oneDNN uses); torch._C._cpu lost them in 2.14,
+    # which silently turned bf16 off: keep both places, and test that it is on where /proc/cpuinfo says so.
+    for module in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
+        probes = [getattr(module, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if any(callable(p) for p in probes):
+            return any(bool(p()) for p in probes if callable(p))
+    return False
 
 
 def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:

@@ -193,10 +193,10 @@ class UNetConfig:
 #   64    64 x (1, 2, 2, 4)        16 px + middle                     18.1M     13.0     (17.5M, 12.7)
 #   128   64 x (1, 1, 2, 3, 4)     16 px + middle                     22.5M     33.2     (21.5M, 32.6)
 # All: 2 ResBlocks per level (3 on the way up), GroupNorm (8 groups at 32 px, else 32), head_dim 64, dropout 0.
-# 32 px is small on purpose: it trains at ~70 images/s on 2 CPU cores in bf16, so an hour sees ~250k
-# images (~4k steps of 64), where a 4x wider net would see a quarter of that and learn less in the same
-# hour. Dropout is 0 because short runs underfit rather than overfit (set dropout=0.1 for long runs on
-# small datasets); on CPU it also costs 5-10% of a step: its mask comes from a serial RNG.
+# 32 px is small on purpose: it trains at ~70 images/s on 2 CPU cores in bf16, so one CPU-hour (30 min
+# on 2 cores) sees ~125k images (~2k steps of 64), where a 4x wider net would see a quarter of that.
+# Dropout is 0 because short runs underfit rather than overfit (set dropout=0.1 for long runs on small
+# datasets); on CPU it also costs 5-10% of a step: its mask comes from a serial RNG.
 _PRESETS = {
     32: {"image_size": 32, "base_channels": 32, "channel_mults": (1, 2, 4), "groups": 8},
     64: {"image_size": 64, "base_channels": 64, "channel_mults": (1, 2, 2, 4)},

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import diffusion, samplers
+from . import diffusion, samplers, viz
 from .device import autocast, get_device, keep_freed_memory, seed_everything
 from .schedules import make_schedule
 from .unet import UNet, UNetConfig, unet_preset
@@ -408,30 +408,6 @@ def _gather(obj, d: _Dist) -> list:
     return out
 
 
-def save_loss_plot(history: list[dict], path) -> None:
-    """Loss against step (log scale) with a smoothed curve, written as a PNG (no pyplot global state)."""
-    from matplotlib.figure import Figure
-
-    steps = [r["step"] for r in history]
-    losses = [r["loss"] for r in history]
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.subplots()
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss (mean per log interval)")
-    if len(losses) >= 40:  # a debiased moving average over about 1/20 of the run
-        beta, s, smooth = 1 - 20 / len(losses), 0.0, []
-        for i, v in enumerate(losses):
-            s = beta * s + (1 - beta) * v
-            smooth.append(s / (1 - beta ** (i + 1)))
-        ax.plot(steps, smooth, lw=1.5, label="smoothed")
-    ax.set(xlabel="step", ylabel="training loss", title="training loss")
-    if losses and min(losses) > 0:
-        ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def _read_history(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
@@ -735,7 +711,7 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
             if do_sample and d.main:
                 write_samples(step)
             if (do_ckpt or do_sample) and d.main:
-                save_loss_plot(history, plot_path)
+                viz.loss_figure(history).savefig(plot_path)
             last_sync_time = time.perf_counter()  # images/s counts training, not checkpoint or sampling time
     finally:
         bar.close()

@@ -45,6 +45,11 @@ def to_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2) 
     return make_grid(images, nrow=nrow, padding=padding, pad_value=1.0)
 
 
+def _grid_uint8(images: torch.Tensor, *, nrow: int | None = None) -> np.ndarray:
+    """The grid of `images` ([-1, 1]) as an HWC uint8 array: what PNGs, GIFs and imshow take without rescaling."""
+    return (to_grid(images, nrow=nrow).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
 def _hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """A CHW tensor ([-1, 1] float or uint8) or an HWC uint8 array (PIL) -> HWC float array in [0, 1]."""
     if isinstance(image, np.ndarray):
@@ -63,8 +68,8 @@ def _imshow(ax, image, title: str | None = None) -> None:
 def grid_figure(images: torch.Tensor, *, nrow: int | None = None, title: str | None = None,
                 size: float = 5.0) -> Figure:
     """A grid of images ([-1, 1]) as one figure `size` inches wide."""
-    grid = to_grid(images, nrow=nrow)
-    h, w = grid.shape[1:]
+    grid = _grid_uint8(images, nrow=nrow)  # already in [0, 255]: _imshow must not map [-1, 1] again
+    h, w = grid.shape[:2]
     fig = Figure(figsize=(size, size * h / w + (0.35 if title else 0)), layout="constrained")
     _imshow(fig.subplots(), grid, title)
     return fig
@@ -78,7 +83,7 @@ def grids_figure(panels: dict[str, torch.Tensor], *, nrow: int | None = None, si
     fig = Figure(figsize=(size * len(panels), size + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (name, images) in zip(axes, panels.items()):
-        _imshow(ax, to_grid(images, nrow=nrow), name)
+        _imshow(ax, _grid_uint8(images, nrow=nrow), name)
     if suptitle:
         fig.suptitle(suptitle)
     return fig
@@ -88,8 +93,7 @@ def save_grid(images: torch.Tensor, path, *, nrow: int | None = None) -> Path:
     """Images in [-1, 1] as one PNG grid; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = (to_grid(images, nrow=nrow).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    _pil().fromarray(array).save(path)
+    _pil().fromarray(_grid_uint8(images, nrow=nrow)).save(path)
     return path
 
 
@@ -394,7 +398,7 @@ def save_gif(frames, path, *, fps: float = 10, nrow: int | None = None, hold_las
     frames = list(frames)
     if not frames:
         raise ValueError("save_gif needs at least one frame")
-    grids = [(to_grid(f, nrow=nrow).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for f in frames]
+    grids = [_grid_uint8(f, nrow=nrow) for f in frames]
     scale = max(1, math.ceil(min_width / grids[0].shape[1]))
     Image = _pil()
     images = [Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)

@@ -51,6 +51,19 @@ def test_grid_figures_and_png(tmp_path):
     fig.savefig(tmp_path / "files.png")
 
 
+def test_figures_show_the_grid_pixels_unchanged():
+    # A grid is already in [0, 1]: mapping it from [-1, 1] once more washed every notebook grid out to
+    # [0.5, 1] (pale, low contrast). Black must stay black and white white in what imshow is given.
+    x = torch.full((2, 3, 4, 4), -1.0)
+    x[1] = 1.0
+    expected = viz.to_grid(x, nrow=2).permute(1, 2, 0).numpy()
+    for fig in (viz.grid_figure(x, nrow=2), viz.grids_figure({"a": x}, nrow=2)):
+        shown = fig.axes[0].get_images()[0].get_array()
+        shown = np.asarray(shown, dtype=np.float64) / (255 if shown.dtype == np.uint8 else 1)
+        assert np.abs(shown - expected).max() <= 0.5 / 255
+        assert shown.min() == 0.0 and shown.max() == 1.0
+
+
 def test_image_row_mixes_tensors_and_arrays():
     photo = np.zeros((30, 50, 3), dtype=np.uint8)
     fig = viz.image_row([photo, images(1)[0]], titles=["original", "preprocessed"])

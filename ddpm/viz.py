@@ -198,15 +198,21 @@ def _smooth(values, weight: float) -> list[float]:
     return out
 
 
-def loss_figure(history, *, smooth: float = 0.9, log: bool = True, title: str = "training loss") -> Figure:
-    """Loss against step: `history` holds dicts with "step" and "loss" (train's log rows) or (step, loss) pairs."""
+def loss_figure(history, *, smooth: float | None = None, log: bool = True, title: str = "training loss") -> Figure:
+    """Loss against step: `history` holds dicts with "step" and "loss" (train's log rows) or (step, loss) pairs.
+
+    smooth: the moving average's weight; None averages over about 1/20 of the curve (1 - 20 / points), so
+    the smoothed line lags a short run's fast initial drop by a few points, not by a fifth of the run.
+    """
     rows = [(r["step"], r["loss"]) if isinstance(r, dict) else tuple(r) for r in history]
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     if rows:
         steps, losses = zip(*rows)
+        if smooth is None:
+            smooth = round(max(0.0, 1 - 20 / len(rows)), 3)
         ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
-        ax.plot(steps, _smooth(losses, smooth), lw=1.5, label=f"smoothed ({smooth})")
+        ax.plot(steps, _smooth(losses, smooth), lw=1.5, label=f"smoothed ({smooth:g})")
         if log and min(losses) > 0:
             ax.set_yscale("log")
         ax.legend()

@@ -82,7 +82,11 @@ def test_plots(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["5", "10", "20"]
     fig = viz.size_plot([(500, 600), (700, 500), (640, 480)])
     assert len(fig.axes) == 2
-    fig = viz.loss_figure([{"step": i, "loss": 1 / i} for i in range(1, 20)])
+    rows = [{"step": i, "loss": 1 / i} for i in range(1, 201)]
+    # by default the average spans about 1/20 of the curve: weight 1 - 20 / 200 on 200 points, none on 19
+    assert viz.loss_figure(rows).axes[0].lines[1].get_label() == "smoothed (0.9)"
+    assert list(viz.loss_figure(rows[:19]).axes[0].lines[1].get_data()[1]) == [r["loss"] for r in rows[:19]]
+    fig = viz.loss_figure(rows[:19], smooth=0.9)
     assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 2
     steps, smooth = fig.axes[0].lines[1].get_data()
     # debiased EMA: starts at the first value, then (0.9 * 0.1 * 1 + 0.1 * 0.5) / (1 - 0.9^2)

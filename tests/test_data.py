@@ -14,15 +14,12 @@ from PIL import Image
 import ddpm.data as data
 from ddpm.data import BatchStream, ImageDataset, load_dataset, to_unit_range
 
-FLOWERS = Path(os.environ.get("DDPM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data/flowers102-mini"))
-needs_flowers = pytest.mark.skipif(not (FLOWERS / "flowers-102" / "setid.mat").is_file(),
-                                   reason=f"shared Flowers102 copy not found at {FLOWERS} (set DDPM_SHARED_DATA)")
 
 
-def flowers_truth(split="all"):
+def flowers_truth(root, split="all"):
     """Independent reading of the metadata: {image id: label} for the split's images present on disk."""
     from scipy.io import loadmat
-    base = FLOWERS / "flowers-102"
+    base = root / "flowers-102"
     labels = loadmat(base / "imagelabels.mat")["labels"].ravel() - 1
     setid = loadmat(base / "setid.mat")
     keys = {"train": ["trnid"], "val": ["valid"], "test": ["tstid"], "all": ["trnid", "valid", "tstid"]}[split]
@@ -41,19 +38,16 @@ def flowers_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flowers_all(flowers_cache):
-    if not (FLOWERS / "flowers-102" / "setid.mat").is_file():
-        pytest.skip(f"shared Flowers102 copy not found at {FLOWERS} (set DDPM_SHARED_DATA)")
+def flowers_all(flowers_root, flowers_cache):
     with pytest.warns(UserWarning, match=r"flowers102: 6,149 of 8,189 images missing under .*jpg; using 2,040"):
-        return load_dataset("flowers102", FLOWERS, image_size=32, cache_dir=flowers_cache)
+        return load_dataset("flowers102", flowers_root, image_size=32, cache_dir=flowers_cache)
 
 
 # -----------------------------------------------------------------------------
 # Flowers102
 
-@needs_flowers
-def test_flowers_partial_copy_uses_present_images_with_their_labels(flowers_all):
-    truth, n_listed = flowers_truth("all")
+def test_flowers_partial_copy_uses_present_images_with_their_labels(flowers_root, flowers_all):
+    truth, n_listed = flowers_truth(flowers_root, "all")
     ds = flowers_all
     assert n_listed == 8189 and len(ds) == len(truth) == 2040
     assert ds.images.dtype == torch.uint8 and ds.images.shape == (2040, 3, 32, 32)
@@ -67,25 +61,23 @@ def test_flowers_partial_copy_uses_present_images_with_their_labels(flowers_all)
     assert len(names) == 102 and names[0] == "pink primrose" and names[101] == "blackberry lily"
 
 
-@needs_flowers
 @pytest.mark.parametrize("split", ["train", "val", "test"])
-def test_flowers_single_split(split, flowers_cache, flowers_all):
-    truth, n_listed = flowers_truth(split)
+def test_flowers_single_split(split, flowers_root, flowers_cache, flowers_all):
+    truth, n_listed = flowers_truth(flowers_root, split)
     with pytest.warns(UserWarning, match=f"{n_listed - len(truth):,} of {n_listed:,} images of split '{split}'"):
-        ds = load_dataset("flowers102", FLOWERS, image_size=32, split=split, cache_dir=flowers_cache)
+        ds = load_dataset("flowers102", flowers_root, image_size=32, split=split, cache_dir=flowers_cache)
     assert {file_id(f): int(y) for f, y in zip(ds.files, ds.labels)} == truth
     # the same pixels as in the combined dataset: preprocessing does not depend on the split
     row = {f: i for i, f in enumerate(flowers_all.files)}
     assert torch.equal(ds.images, flowers_all.images[[row[f] for f in ds.files]])
 
 
-@needs_flowers
-def test_flowers_cache_is_reused_without_decoding(flowers_all, flowers_cache, monkeypatch, caplog):
+def test_flowers_cache_is_reused_without_decoding(flowers_root, flowers_all, flowers_cache, monkeypatch, caplog):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded an image although the cache exists")
     monkeypatch.setattr(data, "decode_image", no_decoding)
     with caplog.at_level(logging.INFO, logger="ddpm.data"), pytest.warns(UserWarning, match="missing"):
-        again = load_dataset("flowers102", FLOWERS, image_size=32, cache_dir=flowers_cache)
+        again = load_dataset("flowers102", flowers_root, image_size=32, cache_dir=flowers_cache)
     assert again.source_info["from_cache"] and not flowers_all.source_info["from_cache"]
     assert torch.equal(again.images, flowers_all.images) and torch.equal(again.labels, flowers_all.labels)
     assert f"loaded 2,040 images from cache {again.source_info['cache_path']}" in caplog.text

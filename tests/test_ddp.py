@@ -16,12 +16,8 @@ import torch.multiprocessing as mp
 from ddpm import checkpoint as ckpt
 from ddpm import train as T
 
-FLOWERS = Path(os.environ.get("DDPM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data/flowers102-mini"))
-pytestmark = [
-    pytest.mark.skipif(not (FLOWERS / "flowers-102").is_dir(),
-                       reason=f"shared Flowers102 subset not found at {FLOWERS} (set DDPM_SHARED_DATA)"),
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with Gloo"),
-]
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with Gloo")
 WORLD_SIZE = 2
 
 
@@ -93,11 +89,11 @@ def _worker(rank: int, ports: list[int], tmp: str, config: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
+def ddp_run(tmp_path_factory, flowers_root):
     tmp = tmp_path_factory.mktemp("ddp")
     cfg = T.preset("quick", **{
         "image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8,
-        "model.dropout": 0.1, "data.root": str(FLOWERS), "data.split": "train", "data.cache_dir": str(tmp / "cache"),
+        "model.dropout": 0.1, "data.root": str(flowers_root), "data.split": "train", "data.cache_dir": str(tmp / "cache"),
         "batch_size": 8, "grad_accum": 2, "max_steps": 4, "warmup_steps": 2, "log_every": 1, "sample_every": 2,
         "sample_n": 2, "sample_steps": 2, "checkpoint_every": 2, "conditional": True, "class_dropout": 0.5})
     mp.start_processes(_worker, args=(_free_ports(3), str(tmp), cfg.to_dict()), nprocs=WORLD_SIZE, join=True,

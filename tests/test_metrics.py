@@ -6,7 +6,6 @@ about streaming, caching and errors uses a tiny stand-in extractor that costs no
 """
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -22,15 +21,14 @@ from ddpm import metrics
 from ddpm.metrics import (FIDEvaluator, InceptionFeatures, extract_features, fid_kid_from_features,
                           find_inception_weights, format_protocol, load_inception, to_uint8)
 
-FLOWERS = Path(os.environ.get("DDPM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data/flowers102-mini"))
 N_HALF = 48  # images per set: A (real), B (real), blur(B); noise has half as many
 
 
-def _load_flowers(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+def _load_flowers(root: Path, n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     """n random flowers, centre-cropped and resized to size px, uint8 (n, 3, size, size)."""
-    files = sorted((FLOWERS / "flowers-102/jpg").glob("*.jpg"))
+    files = sorted((root / "flowers-102/jpg").glob("*.jpg"))
     if len(files) < n:
-        pytest.skip(f"needs {n} flower JPEGs in {FLOWERS}/flowers-102/jpg, found {len(files)} (set DDPM_SHARED_DATA)")
+        pytest.skip(f"needs {n} flower JPEGs in {root}/flowers-102/jpg, found {len(files)} (set DDPM_SHARED_DATA)")
     pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:n]
     out = []
     for i in pick.tolist():
@@ -87,8 +85,8 @@ def inception():
 
 
 @pytest.fixture(scope="module")
-def flowers():
-    images = _load_flowers(2 * N_HALF)
+def flowers(flowers_root):
+    images = _load_flowers(flowers_root, 2 * N_HALF)
     a, b = images[:N_HALF], images[N_HALF:]
     blurred = TF.resize(TF.resize(b, [16, 16], antialias=True), [64, 64], antialias=True)  # 4x down, then up
     g = torch.Generator().manual_seed(1)

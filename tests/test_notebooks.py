@@ -7,7 +7,6 @@ deselect it with `pytest -k "not notebooks"` for a fast loop.
 """
 
 import json
-import os
 from pathlib import Path
 
 import nbformat
@@ -19,10 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = demo.notebook_paths()
 EXPECTED = ["01_data_exploration.ipynb", "02_forward_noising.ipynb", "03_training.ipynb", "04_sampling.ipynb",
             "05_fid_evaluation.ipynb"]
-
-
-def shared_data() -> Path:
-    return Path(os.environ.get("DDPM_SHARED_DATA") or REPO.parent / "shared" / "data" / "flowers102-mini")
 
 
 def code_cells(path):
@@ -86,12 +81,8 @@ def test_demo_injects_parameters_and_reports_failures(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    data = shared_data()
-    if not (data / "flowers-102" / "imagelabels.mat").is_file():
-        pytest.skip(f"shared Flowers102 copy not found at {data}; "
-                    "set DDPM_SHARED_DATA to a folder holding flowers-102/")
-    return tmp_path_factory.mktemp("notebooks"), data
+def workdir(tmp_path_factory, flowers_root):
+    return tmp_path_factory.mktemp("notebooks"), flowers_root
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

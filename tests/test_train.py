@@ -17,9 +17,6 @@ from ddpm import diffusion
 from ddpm import train as T
 
 REPO = Path(__file__).resolve().parents[1]
-FLOWERS = Path(os.environ.get("DDPM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data/flowers102-mini"))
-needs_flowers = pytest.mark.skipif(not (FLOWERS / "flowers-102").is_dir(),
-                                   reason=f"shared Flowers102 subset not found at {FLOWERS} (set DDPM_SHARED_DATA)")
 pytestmark = pytest.mark.filterwarnings("ignore:flowers102.*missing:UserWarning")
 
 
@@ -34,8 +31,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def data(flowers_root, tmp_path_factory):
+    """The shared flowers with one decoded cache that every run in this module reuses."""
+    return {"data.root": str(flowers_root), "data.cache_dir": str(tmp_path_factory.mktemp("cache"))}
 
 
 @pytest.fixture
@@ -43,12 +41,11 @@ def sample_cli():
     return importlib.import_module("ddpm.sample")
 
 
-def tiny(cache_dir, **overrides) -> T.RunConfig:
+def tiny(data, **overrides) -> T.RunConfig:
     """A 16 px, ~60k-parameter UNet on the 287 shared train-split flowers: a step takes milliseconds."""
     base = {"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8,
-            "data.root": str(FLOWERS), "data.split": "train", "data.cache_dir": str(cache_dir),
-            "batch_size": 8, "max_steps": 6, "warmup_steps": 2, "log_every": 2, "sample_every": 0,
-            "checkpoint_every": 100}
+            **data, "data.split": "train", "batch_size": 8, "max_steps": 6, "warmup_steps": 2, "log_every": 2,
+            "sample_every": 0, "checkpoint_every": 100}
     return T.preset("quick", **{**base, **overrides})
 
 
@@ -127,11 +124,10 @@ def _assert_identical(a, b, where=""):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@needs_flowers
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache_dir):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data):
     # Everything that draws random numbers or carries state: dropout, class dropout, grad accumulation,
     # warm-up + cosine decay, clipping, weight decay, EMA with a delayed start.
-    cfg = tiny(cache_dir, **{"model.dropout": 0.1, "conditional": True, "class_dropout": 0.5, "grad_accum": 2,
+    cfg = tiny(data, **{"model.dropout": 0.1, "conditional": True, "class_dropout": 0.5, "grad_accum": 2,
                              "lr_decay": "cosine", "grad_clip": 0.5, "weight_decay": 0.01,
                              "ema_update_after_step": 2, "ema_decay": 0.9})
     straight = T.train(cfg, out_dir=tmp_path / "straight", progress=False)
@@ -148,24 +144,22 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache_dir):
     assert [r["loss"] for r in resumed.history[-1:]] == [r["loss"] for r in straight.history[-1:]]
 
 
-@needs_flowers
-def test_resume_refuses_another_architecture_and_new_runs_refuse_old_folders(tmp_path, cache_dir, capsys):
-    T.train(tiny(cache_dir, max_steps=1), out_dir=tmp_path, progress=False)
+def test_resume_refuses_another_architecture_and_new_runs_refuse_old_folders(tmp_path, data, capsys):
+    T.train(tiny(data, max_steps=1), out_dir=tmp_path, progress=False)
     with pytest.raises(ckpt.CheckpointError, match="checkpoint has base_channels=16, this run has 32"):
-        T.train(tiny(cache_dir, **{"model.base_channels": 32}), out_dir=tmp_path, resume=True, progress=False)
+        T.train(tiny(data, **{"model.base_channels": 32}), out_dir=tmp_path, resume=True, progress=False)
     # changed training settings are allowed, and said; a changed batch shape resumes approximately
-    T.train(tiny(cache_dir, max_steps=2, batch_size=4), out_dir=tmp_path, resume=True, progress=False)
+    T.train(tiny(data, max_steps=2, batch_size=4), out_dir=tmp_path, resume=True, progress=False)
     err = capsys.readouterr().err
     assert "checkpoint has train.batch_size=8, this run has 4" in err and "resuming approximately" in err
     assert ckpt.load_checkpoint(tmp_path)["step"] == 2
     with pytest.raises(FileExistsError, match="already holds checkpoints.*--resume"):
-        T.train(tiny(cache_dir), out_dir=tmp_path, progress=False)
+        T.train(tiny(data), out_dir=tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        T.train(tiny(cache_dir), out_dir=tmp_path / "empty", resume=True, progress=False)
+        T.train(tiny(data), out_dir=tmp_path / "empty", resume=True, progress=False)
 
 
-@needs_flowers
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
     real_loss, calls = diffusion.training_loss, []
 
     def loss_that_breaks(*args, **kwargs):
@@ -174,7 +168,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         return loss * float("nan") if len(calls) >= 5 else loss  # step 5 onwards
 
     monkeypatch.setattr(diffusion, "training_loss", loss_that_breaks)
-    cfg = tiny(cache_dir, checkpoint_every=4, log_every=3, max_steps=8)
+    cfg = tiny(data, checkpoint_every=4, log_every=3, max_steps=8)
     with pytest.raises(FloatingPointError, match="non-finite at step 5") as err:
         T.train(cfg, out_dir=tmp_path, progress=False)
     assert "step_0000004.pt" in str(err.value) or "latest.pt" in str(err.value)
@@ -183,11 +177,10 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-@needs_flowers
-def test_exploding_weights_are_never_checkpointed(tmp_path, cache_dir):
+def test_exploding_weights_are_never_checkpointed(tmp_path, data):
     # An absurd learning rate without clipping: the weights overflow; whatever is caught first, no
     # checkpoint with non-finite weights may appear.
-    cfg = tiny(cache_dir, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, log_every=1, max_steps=4)
+    cfg = tiny(data, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, log_every=1, max_steps=4)
     with pytest.raises(FloatingPointError, match="non-finite"):
         T.train(cfg, out_dir=tmp_path, progress=False)
     for path in ckpt.list_checkpoints(tmp_path):
@@ -197,14 +190,11 @@ def test_exploding_weights_are_never_checkpointed(tmp_path, cache_dir):
 # ---------------------------------------------------------------------------------------------- quick preset, samples
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, cache_dir):
-    if not (FLOWERS / "flowers-102").is_dir():
-        pytest.skip(f"shared Flowers102 subset not found at {FLOWERS}")
+def quick_run(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("quick")
     # the quick preset's model and settings, shortened: 30 steps of 8 images (the preset: 200 of 16)
-    cfg = T.preset("quick", **{"data.root": str(FLOWERS), "data.cache_dir": str(cache_dir), "max_steps": 30,
-                               "batch_size": 8, "warmup_steps": 10, "log_every": 3, "sample_every": 15,
-                               "checkpoint_every": 15, "sample_n": 4, "sample_steps": 4})
+    cfg = T.preset("quick", **{**data, "max_steps": 30, "batch_size": 8, "warmup_steps": 10, "log_every": 3,
+                               "sample_every": 15, "checkpoint_every": 15, "sample_n": 4, "sample_steps": 4})
     seen = []
     result = T.train(cfg, out_dir=out / "run", progress=False, callback=lambda step, info: seen.append(step))
     return result, seen

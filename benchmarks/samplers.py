@@ -19,7 +19,7 @@ import torch
 
 import common  # noqa: F401  (importing it puts the repo on sys.path)
 from ddpm import DEFAULT_STEPS, GaussianDenoiser, gaussian_errors, get_device, make_schedule
-from ddpm.samplers import sample
+from ddpm.samplers import METHODS, sample
 from ddpm.device import autocast
 
 
@@ -30,7 +30,7 @@ def oracle_errors(schedule_name: str, n: int, nfes: list[int]) -> list[dict]:
     mean = torch.linspace(-0.6, 0.6, 48).reshape(shape)
     std = torch.linspace(0.05, 0.6, 48).reshape(shape)  # small stds stand in for fine image detail
     rows = []
-    for method in ("ddpm", "ddim", "dpmpp_2m"):
+    for method in METHODS:
         for nfe in nfes:
             oracle = GaussianDenoiser(schedule, mean, std)
             g = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def latency(size: int, device: torch.device, batch: int, repeats: int) -> list[d
         model = model.to(memory_format=torch.channels_last)
     schedule = make_schedule("linear")
     rows = []
-    for method in ("ddpm", "ddim", "dpmpp_2m"):
+    for method in METHODS:
         steps = DEFAULT_STEPS[method] or schedule.timesteps
         # DDPM's 1000 steps cost 1000 evaluations: time a slice of them and scale, saying so.
         timed_steps = min(steps, 50)

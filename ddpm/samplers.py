@@ -1,6 +1,6 @@
-"""Samplers: DDPM (ancestral), DDIM and DPM-Solver++(2M) behind one `sample(...)` entry point.
+"""Samplers: DDPM (ancestral), DDIM and DPM-Solver++(2M), deterministic or stochastic, behind one `sample(...)`.
 
-All three walk a descending list of *training* timesteps t_0 > t_1 > ... > t_{n-1} and end at "clean"
+All of them walk a descending list of *training* timesteps t_0 > t_1 > ... > t_{n-1} and end at "clean"
 (abar = 1). At each step the model's output is turned into a prediction of x_0 (and of eps), so every
 method works with every prediction type. With fewer steps than T the list is a subsequence of the
 training timesteps ("respacing"); the coefficients then use abar at the two timesteps a step joins.
@@ -20,13 +20,15 @@ from tqdm.auto import tqdm
 from .diffusion import check_prediction_type, predict_epsilon, predict_x0
 from .schedules import NoiseSchedule
 
-METHODS = ("ddpm", "ddim", "dpmpp_2m")
+METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 SPACINGS = ("trailing", "leading", "linspace", "logsnr")
 VARIANCES = ("posterior", "beta")
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20}  # None: all T training timesteps
-# DPM-Solver++ steps in log-SNR, so an even log-SNR grid suits it; on the Gaussian oracle it cuts its
-# error at 20 steps about fourfold against "trailing" (benchmarks/samplers.py). DDPM/DDIM keep "trailing".
-DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "logsnr"}
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20, "dpmpp_2m_sde": 20}  # None: all T training timesteps
+# DPM-Solver++ steps in log-SNR, so an even log-SNR grid suits it: on the Gaussian oracle it cuts the ODE
+# solver's error at 20 steps 2-6x against "trailing" (benchmarks/samplers.py). DDPM/DDIM keep "trailing".
+# (On a briefly trained model the ODE solver scored better with "trailing", which stops at t = T/steps - 1
+# and skips the lowest noise levels: README, "Quality in one CPU-hour".)
+DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "logsnr", "dpmpp_2m_sde": "logsnr"}
 
 
 def set_timesteps(schedule: NoiseSchedule | int, steps: int, *, spacing: str = "trailing") -> torch.Tensor:
@@ -125,7 +127,8 @@ def sample(model, schedule: NoiseSchedule, shape, *, method: str = "ddpm", steps
 
     model:        a callable model(x_t, t) or model(x_t, t, y); t holds *training* timesteps (B,).
     method:       "ddpm" (ancestral; `variance` "posterior" = beta~_t or "beta" = beta_t),
-                  "ddim" (`eta` 0 deterministic ... 1 ancestral), "dpmpp_2m" (DPM-Solver++ 2M).
+                  "ddim" (`eta` 0 deterministic ... 1 ancestral), "dpmpp_2m" (DPM-Solver++ 2M, an ODE
+                  solver) or "dpmpp_2m_sde" (its SDE form: fresh noise every step, like DDPM).
     steps:        network evaluations; None = DEFAULT_STEPS[method] (all T for ddpm).
     spacing:      which training timesteps `steps` visits (see set_timesteps); None = DEFAULT_SPACING[method].
     y, guidance_scale: class labels and classifier-free guidance weight (1 = plain conditional).
@@ -166,7 +169,8 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
         return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
 
     x = torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
-    solver = _DPMSolverPP2M(schedule) if method == "dpmpp_2m" else None
+    solver = (_DPMSolverPP2M(schedule, noise_like=noise_like if method == "dpmpp_2m_sde" else None)
+              if method.startswith("dpmpp") else None)
     abar = schedule.alphas_cumprod
     for i, t in enumerate(tqdm(timesteps.tolist(), desc=method, disable=not progress, leave=False)):
         prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
@@ -218,16 +222,20 @@ def _ddim_step(x0, eps, abar_t, abar_prev, *, eta, noise_like):
 
 
 class _DPMSolverPP2M:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in the data-prediction form.
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in the data-prediction form, and its SDE form (their App. B).
 
     With a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t), lambda_t = log(a_t / s_t) and h = lambda_next - lambda_t:
-        x_next = (s_next / s_t) x_t - a_next (e^{-h} - 1) D,
+        ODE: x_next = (s_next / s_t) x_t - a_next (e^{-h} - 1) D,
+        SDE: x_next = (s_next / s_t) e^{-h} x_t + a_next (1 - e^{-2h}) D + s_next sqrt(1 - e^{-2h}) z,
         D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,  r = h_prev / h   (D = x0_t on the first step).
+    With D = x0_t the SDE step is exactly DDPM's posterior q(x_next | x_t, x0_t): the SDE form is DDPM
+    with a second-order x0, so it keeps DDPM's habit of washing the network's errors out with fresh noise.
     The last step goes to abar = 1 (s = 0, lambda = inf), where the update is simply x_0 = x0_t.
     """
 
-    def __init__(self, schedule: NoiseSchedule):
+    def __init__(self, schedule: NoiseSchedule, *, noise_like=None):
         self.abar = schedule.alphas_cumprod
+        self.noise_like = noise_like  # None: the ODE solver
         self.x0_prev = None
         self.h_prev = None
 
@@ -247,4 +255,8 @@ class _DPMSolverPP2M:
             r = self.h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self.x0_prev
         self.x0_prev, self.h_prev = x0, h
-        return (s_next / s_t) * x - (a_next * math.expm1(-h)) * d
+        if self.noise_like is None:
+            return (s_next / s_t) * x - (a_next * math.expm1(-h)) * d
+        keep = -math.expm1(-2 * h)  # 1 - e^{-2h}
+        x_mean = ((s_next / s_t) * math.exp(-h)) * x + (a_next * keep) * d
+        return x_mean + (s_next * math.sqrt(keep)) * self.noise_like(x)

@@ -24,6 +24,8 @@ def draw(model, schedule, n, seed=0, **kwargs):
     ("ddim", 50, 0.04),
     ("dpmpp_2m", 20, 0.02),
     ("dpmpp_2m", 10, 0.025),
+    ("dpmpp_2m_sde", 20, 0.025),
+    ("dpmpp_2m_sde", 10, 0.025),
 ])
 def test_samplers_reproduce_the_data_distribution(method, steps, tol):
     s = make_schedule("linear")
@@ -35,15 +37,41 @@ def test_samplers_reproduce_the_data_distribution(method, steps, tol):
     assert err["w2"] < tol, err
 
 
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_2m_sde"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_dpm_solver_needs_fewer_steps_than_ddim(schedule):
+def test_dpm_solver_needs_fewer_steps_than_ddim(schedule, solver):
     s = make_schedule(schedule)
     errs = {}
-    for method, steps in [("ddim", 20), ("ddim", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]:
+    for method, steps in [("ddim", 20), ("ddim", 50), (solver, 10), (solver, 20)]:
         errs[method, steps] = gaussian_errors(draw(GaussianDenoiser(s, MEAN, STD), s, 20000, method=method,
                                                    steps=steps), MEAN, STD)["w2"]
-    assert errs["dpmpp_2m", 20] < errs["ddim", 50], errs
-    assert errs["dpmpp_2m", 10] < errs["ddim", 20], errs
+    assert errs[solver, 20] < errs["ddim", 50], errs
+    assert errs[solver, 10] < errs["ddim", 20], errs
+
+
+class ConstantX0(nn.Module):
+    """Predicts the same x0 at every step: DPM-Solver++'s second-order term (x0_t - x0_prev) is then zero."""
+    def forward(self, x, t):
+        return torch.full_like(x, 0.3)
+
+
+@pytest.mark.parametrize("steps", [2, 7, 30])
+def test_sde_dpm_solver_without_its_second_order_term_is_ddpm(steps):
+    # The SDE step with D = x0 is DDPM's posterior q(x_prev | x_t, x0): same timesteps and noise draws give
+    # the same x_t at every step (the final x0 is the constant itself for any sampler, so compare the paths).
+    s = make_schedule("cosine", timesteps=100)
+
+    def path(method):
+        xs = []
+        draw(ConstantX0(), s, 64, seed=4, method=method, steps=steps, spacing="trailing",
+             prediction_type="sample", callback=lambda i, t, x, x0: xs.append(x.clone()))
+        return torch.stack(xs)
+
+    sde, ode = path("dpmpp_2m_sde"), path("dpmpp_2m")
+    assert torch.allclose(sde, path("ddpm"), atol=1e-5), (sde - path("ddpm")).abs().max()
+    # ... and the ODE solver is then DDIM with eta = 0, as DPM-Solver++(1) is
+    assert torch.allclose(ode, path("ddim"), atol=1e-5), (ode - path("ddim")).abs().max()
+    assert not torch.allclose(sde[1:], ode[1:], atol=1e-2)  # the SDE really adds noise
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -136,13 +164,13 @@ def test_respaced_ddpm_and_beta_variance():
 def test_default_steps_never_exceed_the_schedule():
     s = make_schedule("cosine", timesteps=12)  # fewer than DDIM's 50 and DPM-Solver++'s 20 default steps
     seen = []
-    for method in ("ddim", "dpmpp_2m"):
+    for method in ("ddim", "dpmpp_2m", "dpmpp_2m_sde"):
         draw(GaussianDenoiser(s, MEAN, STD), s, 2, method=method, callback=lambda i, t, x, x0: seen.append(t))
-    assert len(seen) == 2 * 12
+    assert len(seen) == 3 * 12
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "euler"}, "valid: ddpm, ddim, dpmpp_2m"),
+    ({"method": "euler"}, "valid: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"),
     ({"method": "ddim", "steps": 0}, r"\[1, 1000\]"),
     ({"method": "ddim", "steps": 1001}, r"\[1, 1000\]"),
     ({"method": "ddpm", "eta": 0.5}, "applies to method='ddim' only"),

@@ -4,13 +4,15 @@ on the shared flowers, sample from the EMA weights, and report FID and KID on re
     python benchmarks/quality_budget.py                       # one CPU-hour (~30 min on 2 cores)
     python benchmarks/quality_budget.py --cpu-minutes 10 --num-images 500 --samplers dpmpp_2m:20,ddim:50,ddpm:1000
     python benchmarks/quality_budget.py --quick               # a smoke run of the script itself
+    python benchmarks/quality_budget.py --checkpoint benchmarks/results/quality_budget --seed 1 \
+        --samplers dpmpp_2m_sde:20,dpmpp_2m:20:trailing        # score a trained run again, no training
 
 The budget counts process CPU time (time.process_time: every thread of this process), not wall time,
 so it means the same on a busy or an idle machine. Training runs in chunks of --chunk steps (each chunk
 resumes the last exactly) and stops at the first chunk boundary past the budget. Then:
   - a sample grid (PNG) and FID/KID of --num-images DPM-Solver++ samples against the real images;
-  - the same for each --samplers entry (default DDIM at 50; add ddpm:1000 for the reference), all from the
-    same start noise: the check that the fast samplers lose little on a trained model.
+  - the same for each --samplers entry (method:steps, or method:steps:spacing), all from the same start
+    noise (--seed): the check that the fast samplers lose little on a trained model (add ddpm:1000).
 Prints a table and one JSON line; writes everything under --out.
 """
 
@@ -27,8 +29,10 @@ from common import REPO, default_data_root  # (importing common puts the repo on
 from ddpm import get_device
 from ddpm.device import keep_freed_memory
 from ddpm.data import load_dataset
+from ddpm.checkpoint import load_checkpoint
 from ddpm.metrics import FIDEvaluator
 from ddpm.sample import generate
+from ddpm.samplers import DEFAULT_SPACING, METHODS, SPACINGS
 from ddpm.train import apply_overrides, load_model, preset, save_sample_grid, train
 
 
@@ -47,6 +51,16 @@ def train_for_budget(config, out: Path, budget_s: float, chunk: int) -> tuple[in
     return step, time.process_time() - cpu0, time.perf_counter() - wall0
 
 
+def parse_sampler(spec: str) -> tuple[str, int, str | None]:
+    """"dpmpp_2m:20" or "dpmpp_2m:20:trailing" -> (method, steps, spacing or None for the method's own)."""
+    parts = spec.strip().split(":")
+    if len(parts) not in (2, 3) or parts[0] not in METHODS or not parts[1].isdigit() \
+            or (len(parts) == 3 and parts[2] not in SPACINGS):
+        raise SystemExit(f"--samplers: bad entry {spec!r}; want method:steps[:spacing] with method in "
+                         f"{', '.join(METHODS)} and spacing in {', '.join(SPACINGS)}")
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-minutes", type=float, default=60.0, help="training budget in process CPU minutes")
@@ -54,8 +68,11 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_budget"))
     p.add_argument("--chunk", type=int, default=250, help="steps between budget checks")
     p.add_argument("--num-images", type=int, default=1000, help="generated images for FID/KID")
-    p.add_argument("--samplers", default="dpmpp_2m:20,ddim:50",
-                   help="method:steps pairs to score; add ddpm:1000 for the reference (50x the cost of ddim:20)")
+    p.add_argument("--samplers", default="dpmpp_2m_sde:20,dpmpp_2m:20,ddim:50",
+                   help="method:steps[:spacing] to score; add ddpm:1000 for the reference (50x the cost of ddim:20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samplers' start noise")
+    p.add_argument("--checkpoint", default=None,
+                   help="score this trained run (folder or .pt) instead of training one; --out gets the grids")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.lr=1e-3")
@@ -70,44 +87,54 @@ def main() -> None:
     if args.quick:
         config = apply_overrides(config, {"model.base_channels": 32, "model.num_res_blocks": 1,
                                           "train.batch_size": 8})
+    runs = [parse_sampler(spec) for spec in args.samplers.split(",")]  # bad specs fail before any training
     out = Path(args.out)
-    if out.exists() and any(out.glob("*.pt")):
-        raise SystemExit(f"{out} already holds a run; pass another --out or delete it")
     torch.manual_seed(0)
     keep_freed_memory()  # as python -m ddpm.train does
-
-    print(f"training folder32 on {args.data_root} for {args.cpu_minutes:g} CPU-minutes ({get_device(args.device)})")
-    steps, cpu_s, wall_s = train_for_budget(config, out, args.cpu_minutes * 60, args.chunk)
-    model, schedule, cfg = load_model(out / "latest.pt", device=args.device)
+    if args.checkpoint:
+        model, schedule, cfg = load_model(args.checkpoint, device=args.device)
+        steps, cpu_s, wall_s = int(load_checkpoint(args.checkpoint)["step"]), None, None
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"scoring {args.checkpoint} (step {steps}), seed {args.seed}")
+    else:
+        if out.exists() and any(out.glob("*.pt")):
+            raise SystemExit(f"{out} already holds a run; pass another --out, delete it, "
+                             "or score it with --checkpoint")
+        print(f"training folder32 on {args.data_root} for {args.cpu_minutes:g} CPU-minutes ({get_device(args.device)})")
+        steps, cpu_s, wall_s = train_for_budget(config, out, args.cpu_minutes * 60, args.chunk)
+        model, schedule, cfg = load_model(out / "latest.pt", device=args.device)
 
     real = load_dataset("flowers102", args.data_root, image_size=cfg.data.image_size)
     evaluator = FIDEvaluator(real, device=args.device)
-    runs = [(m, int(n)) for m, n in (pair.split(":") for pair in args.samplers.split(","))]
     rows = []
-    for method, nfe in runs:
+    for method, nfe, spacing in runs:
         t0 = time.perf_counter()
-        images = generate(model, schedule, cfg, n=args.num_images, method=method, steps=nfe, seed=0,
-                          batch_size=250, progress=False)
+        images = generate(model, schedule, cfg, n=args.num_images, method=method, steps=nfe, spacing=spacing,
+                          seed=args.seed, batch_size=250, progress=False)
         sample_s = time.perf_counter() - t0
         scores = evaluator.score(images)
-        save_sample_grid(images[:64], out / f"samples_{method}_{nfe}.png")
-        rows.append({"method": method, "nfe": nfe, "fid": round(scores["fid"], 2),
-                     "kid_mean": round(scores["kid_mean"], 5), "kid_std": round(scores["kid_std"], 5),
-                     "sample_s": round(sample_s, 1)})
-        print(f"  {method} {nfe} NFE: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f}, "
+        spacing = spacing or DEFAULT_SPACING[method]
+        save_sample_grid(images[:64], out / f"samples_{method}_{nfe}_{spacing}_seed{args.seed}.png")
+        rows.append({"method": method, "nfe": nfe, "spacing": spacing, "seed": args.seed,
+                     "fid": round(scores["fid"], 2), "kid_mean": round(scores["kid_mean"], 5),
+                     "kid_std": round(scores["kid_std"], 5), "sample_s": round(sample_s, 1)})
+        print(f"  {method} {nfe} NFE ({spacing}): FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f}, "
               f"sampling {sample_s:.0f} s", flush=True)
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"\n{steps} steps (batch {cfg.train.batch_size}) in {cpu_s / 60:.1f} CPU-min / {wall_s / 60:.1f} wall-min; "
-          f"{params / 1e6:.1f} M params; {args.num_images} generated vs {len(evaluator.real_features)} real images")
-    print(f"{'method':<10}{'NFE':>6}{'FID':>9}{'KID':>10}{'±':>9}{'sample s':>10}")
+    trained = (f"{steps} steps (batch {cfg.train.batch_size})" if cpu_s is None else
+               f"{steps} steps (batch {cfg.train.batch_size}) in {cpu_s / 60:.1f} CPU-min / {wall_s / 60:.1f} wall-min")
+    print(f"\n{trained}; {params / 1e6:.1f} M params; {args.num_images} generated vs "
+          f"{len(evaluator.real_features)} real images")
+    print(f"{'method':<14}{'NFE':>6}{'spacing':>10}{'FID':>9}{'KID':>10}{'±':>9}{'sample s':>10}")
     for r in rows:
-        print(f"{r['method']:<10}{r['nfe']:>6}{r['fid']:>9.2f}{r['kid_mean']:>10.4f}{r['kid_std']:>9.4f}"
-              f"{r['sample_s']:>10.1f}")
+        print(f"{r['method']:<14}{r['nfe']:>6}{r['spacing']:>10}{r['fid']:>9.2f}{r['kid_mean']:>10.4f}"
+              f"{r['kid_std']:>9.4f}{r['sample_s']:>10.1f}")
     print(f"grids: {out}/samples_*.png")
-    print(json.dumps({"benchmark": "quality_budget", "cpu_minutes": round(cpu_s / 60, 2),
-                      "wall_minutes": round(wall_s / 60, 2), "steps": steps, "batch_size": cfg.train.batch_size,
-                      "params": params, "num_generated": args.num_images,
+    minutes = {"cpu_minutes": None, "wall_minutes": None} if cpu_s is None else \
+        {"cpu_minutes": round(cpu_s / 60, 2), "wall_minutes": round(wall_s / 60, 2)}
+    print(json.dumps({"benchmark": "quality_budget", "checkpoint": args.checkpoint, **minutes, "steps": steps,
+                      "batch_size": cfg.train.batch_size, "params": params, "num_generated": args.num_images,
                       "num_real": len(evaluator.real_features), "config": cfg.to_dict(), "results": rows}))
 
 

@@ -91,16 +91,16 @@ def main() -> None:
     errors = oracle_errors(args.schedule, args.n, nfes)
     print(f"Sampling error on the exact Gaussian denoiser ({args.schedule} schedule, {args.n} samples, 48 dims;"
           f" Monte Carlo floor of w2 ~ {0.35 / args.n ** 0.5:.4f})")
-    print(f"{'method':<10}{'NFE':>6}{'w2':>10}{'mean_err':>10}{'std_err':>10}")
+    print(f"{'method':<14}{'NFE':>6}{'w2':>10}{'mean_err':>10}{'std_err':>10}")
     for r in errors:
-        print(f"{r['method']:<10}{r['nfe']:>6}{r['w2']:>10.4f}{r['mean_err']:>10.4f}{r['std_err']:>10.4f}")
+        print(f"{r['method']:<14}{r['nfe']:>6}{r['w2']:>10.4f}{r['mean_err']:>10.4f}{r['std_err']:>10.4f}")
 
     lat = latency(args.size, device, args.batch, args.repeats)
     print(f"\nLatency at default steps, {args.size} px attention UNet, batch {args.batch}, {device} "
           f"(DDPM timed over {lat[0]['timed_steps']} steps and scaled to {lat[0]['steps']})")
-    print(f"{'method':<10}{'steps':>6}{'s/image':>10}")
+    print(f"{'method':<14}{'steps':>6}{'s/image':>10}")
     for r in lat:
-        print(f"{r['method']:<10}{r['steps']:>6}{r['seconds_per_image']:>10.4f}")
+        print(f"{r['method']:<14}{r['steps']:>6}{r['seconds_per_image']:>10.4f}")
     print(json.dumps({"benchmark": "samplers", "device": str(device), "schedule": args.schedule,
                       "oracle": errors, "latency": lat}))
 

@@ -93,7 +93,7 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 2000            # 0 = never
     sample_n: int = 64
-    sample_method: str = "dpmpp_2m"
+    sample_method: str = "dpmpp_2m_sde"
     sample_steps: int = 20
     sample_guidance_scale: float = 1.0
     checkpoint_every: int = 2000

@@ -517,7 +517,7 @@ class GeneratePanel:
     panel.figure(...) generates without widgets and returns the grid figure (the static fallback).
     """
 
-    def __init__(self, checkpoints: dict, *, load, generate, methods=("dpmpp_2m", "ddim", "ddpm"),
+    def __init__(self, checkpoints: dict, *, load, generate, methods=("dpmpp_2m_sde", "dpmpp_2m", "ddim", "ddpm"),
                  steps: int = 20, n: int = 16, seed: int = 0):
         if not checkpoints:
             raise ValueError("GeneratePanel needs at least one checkpoint ({name: path}); train one first")

@@ -131,6 +131,73 @@ def test_group_norm_bf16_close_to_fp32():
     assert (out.float() - ref).abs().max() < 0.03
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("scale_shift", [True, False])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_group_norm_conv_equals_unfused_ops(channels_last, scale_shift, conv_bias):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 12).double()
+    conv = torch.nn.Conv2d(12, 8, 3, padding=1, bias=conv_bias).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 12, 6, 6, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    ss = [torch.randn(3, 12, dtype=torch.float64, requires_grad=True) for _ in range(2)] if scale_shift else []
+    inputs = [x, norm.weight, norm.bias, *ss, *conv.parameters()]
+
+    h = F.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    if ss:
+        h = h * (1 + ss[0][:, :, None, None]) + ss[1][:, :, None, None]
+    ref = conv(F.silu(h))
+    out = group_norm(x, norm, scale=ss[0] if ss else None, shift=ss[1] if ss else None, act=True, conv=conv)
+    assert torch.allclose(out, ref, atol=1e-12)
+    go = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, inputs, go), torch.autograd.grad(out, inputs, go)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_group_norm_conv_gradcheck():
+    norm = torch.nn.GroupNorm(2, 4).double()
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale, shift = (torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    fused = lambda x, w, b, s, sh, cw, cb: group_norm(x, norm, scale=s, shift=sh, act=True, conv=conv)
+    assert torch.autograd.gradcheck(fused, (x, norm.weight, norm.bias, scale, shift, conv.weight, conv.bias))
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct tensors autograd saves for backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_group_norm_conv_saves_one_activation_and_autocasts_like_conv2d():
+    torch.manual_seed(0)
+    norm, conv = torch.nn.GroupNorm(8, 32), torch.nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(4, 32, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    one = x.numel() * 2  # one bf16 activation of x's size
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.bfloat16()
+        unfused = _saved_bytes(lambda: conv(group_norm(xb, norm, act=True)))
+        fused = _saved_bytes(lambda: group_norm(xb, norm, act=True, conv=conv))
+        out = group_norm(xb, norm, act=True, conv=conv)
+        ref = conv(group_norm(xb, norm, act=True))
+    assert one * 2 <= unfused < one * 2.5 and one <= fused < one * 1.5, (unfused, fused, one)
+    assert out.dtype == ref.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref)
+    out.float().square().mean().backward()
+    assert conv.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
 # --- configs and presets ----------------------------------------------------------------------
 
 

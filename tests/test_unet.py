@@ -82,10 +82,12 @@ def test_embedding_rows_distinct_and_odd_dim():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("act,scale_shift", [(True, True), (True, False), (False, False)])
-def test_group_norm_equals_unfused_ops(channels_last, act, scale_shift):
+@pytest.mark.parametrize("act,scale_shift,conv", [(True, True, None), (True, False, None), (False, False, None),
+                                                  (True, True, "bias"), (True, False, "bias"), (True, True, "no bias")])
+def test_group_norm_equals_unfused_ops(channels_last, act, scale_shift, conv):
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 12).double()
+    conv = torch.nn.Conv2d(12, 8, 3, padding=1, bias=conv == "bias").double() if conv else None
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
@@ -94,18 +96,14 @@ def test_group_norm_equals_unfused_ops(channels_last, act, scale_shift):
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     ss = [torch.randn(3, 12, dtype=torch.float64, requires_grad=True) for _ in range(2)] if scale_shift else []
+    inputs = [x, norm.weight, norm.bias, *ss, *(conv.parameters() if conv else [])]
 
-    def reference():
-        h = F.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
-        if ss:
-            h = h * (1 + ss[0][:, :, None, None]) + ss[1][:, :, None, None]
-        return F.silu(h) if act else h
-
-    def fused(*args):
-        return group_norm(args[0], norm, scale=args[3] if ss else None, shift=args[4] if ss else None, act=act)
-
-    inputs = [x, norm.weight, norm.bias, *ss]
-    ref, out = reference(), fused(*inputs)
+    h = F.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    if ss:
+        h = h * (1 + ss[0][:, :, None, None]) + ss[1][:, :, None, None]
+    h = F.silu(h) if act else h
+    ref = conv(h) if conv else h
+    out = group_norm(x, norm, scale=ss[0] if ss else None, shift=ss[1] if ss else None, act=act, conv=conv)
     assert torch.allclose(out, ref, atol=1e-12)
     go = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(ref, inputs, go), torch.autograd.grad(out, inputs, go)):
@@ -129,34 +127,6 @@ def test_group_norm_bf16_close_to_fp32():
     out = group_norm(x.bfloat16(), norm, scale=s.bfloat16(), shift=s.bfloat16(), act=True)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.float() - ref).abs().max() < 0.03
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("scale_shift", [True, False])
-@pytest.mark.parametrize("conv_bias", [True, False])
-def test_group_norm_conv_equals_unfused_ops(channels_last, scale_shift, conv_bias):
-    torch.manual_seed(0)
-    norm = torch.nn.GroupNorm(4, 12).double()
-    conv = torch.nn.Conv2d(12, 8, 3, padding=1, bias=conv_bias).double()
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
-    x = torch.randn(3, 12, 6, 6, dtype=torch.float64) * 3 + 1
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    ss = [torch.randn(3, 12, dtype=torch.float64, requires_grad=True) for _ in range(2)] if scale_shift else []
-    inputs = [x, norm.weight, norm.bias, *ss, *conv.parameters()]
-
-    h = F.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
-    if ss:
-        h = h * (1 + ss[0][:, :, None, None]) + ss[1][:, :, None, None]
-    ref = conv(F.silu(h))
-    out = group_norm(x, norm, scale=ss[0] if ss else None, shift=ss[1] if ss else None, act=True, conv=conv)
-    assert torch.allclose(out, ref, atol=1e-12)
-    go = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(ref, inputs, go), torch.autograd.grad(out, inputs, go)):
-        assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_group_norm_conv_gradcheck():

@@ -9,10 +9,10 @@ on the shared flowers, sample from the EMA weights, and report FID and KID on re
 
 The budget counts process CPU time (time.process_time: every thread of this process), not wall time,
 so it means the same on a busy or an idle machine. Training runs in chunks of --chunk steps (each chunk
-resumes the last exactly) and stops at the first chunk boundary past the budget. Then:
-  - a sample grid (PNG) and FID/KID of --num-images DPM-Solver++ samples against the real images;
-  - the same for each --samplers entry (method:steps, or method:steps:spacing), all from the same start
-    noise (--seed): the check that the fast samplers lose little on a trained model (add ddpm:1000).
+resumes the last exactly) and stops at the first chunk boundary past the budget. Then, for each --samplers
+entry (method:steps or method:steps:spacing; default DPM-Solver++ SDE and ODE at 20 steps, DDIM at 50), a
+sample grid (PNG) and FID/KID of --num-images images against the real ones, all from the same start noise
+(--seed): the check that the fast samplers lose little on a trained model (add ddpm:1000 as the reference).
 Prints a table and one JSON line; writes everything under --out.
 """
 

@@ -122,7 +122,7 @@ class _GroupNormActConv(torch.autograd.Function):
 
     Unfused, the conv saves its input silu(y) for its weight gradient, a second full-size activation
     beside the norm's xhat; here the backward recomputes it from xhat (one multiply-add and a SiLU), so
-    each pair stores one activation instead of two: at 128 px that is a quarter of the training step's
+    each pair stores one activation instead of two: at 128 px a third of the training step's
     saved activations. The conv runs in the autocast dtype, as nn.Conv2d would.
     """
 

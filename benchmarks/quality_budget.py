@@ -33,7 +33,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.metrics import FIDEvaluator
 from ddpm.sample import generate
 from ddpm.samplers import DEFAULT_SPACING, METHODS, SPACINGS
-from ddpm.train import apply_overrides, load_model, preset, save_sample_grid, train
+from ddpm.train import apply_overrides, load_model, model_from_state, preset, save_sample_grid, train
 
 
 
@@ -92,8 +92,9 @@ def main() -> None:
     torch.manual_seed(0)
     keep_freed_memory()  # as python -m ddpm.train does
     if args.checkpoint:
-        model, schedule, cfg = load_model(args.checkpoint, device=args.device)
-        steps, cpu_s, wall_s = int(load_checkpoint(args.checkpoint)["step"]), None, None
+        state = load_checkpoint(args.checkpoint)
+        model, schedule, cfg = model_from_state(state, device=args.device)
+        steps, cpu_s, wall_s = int(state["step"]), None, None
         out.mkdir(parents=True, exist_ok=True)
         print(f"scoring {args.checkpoint} (step {steps}), seed {args.seed}")
     else:

@@ -426,7 +426,11 @@ def build_model(config: RunConfig) -> UNet:
 
 def load_model(ckpt_path, *, use_ema: bool = True, device=None):
     """(model in eval mode, NoiseSchedule, RunConfig) from a checkpoint file or a run folder (its latest)."""
-    state = ckpt.load_checkpoint(ckpt_path)
+    return model_from_state(ckpt.load_checkpoint(ckpt_path), use_ema=use_ema, device=device)
+
+
+def model_from_state(state: dict, *, use_ema: bool = True, device=None):
+    """load_model's work on a checkpoint already read by checkpoint.load_checkpoint (for its step, say)."""
     config = RunConfig.from_dict(state["config"])
     model = build_model(config)
     model.load_state_dict(state["model"])

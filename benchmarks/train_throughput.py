@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                       # 32/64/128 px presets, fp32 and bf16
     python benchmarks/train_throughput.py --sizes 64 --precision bf16 --steps 10
     python benchmarks/train_throughput.py --quick               # smoke test: tiny model, seconds
+    python benchmarks/train_throughput.py --sizes 64 --precision bf16 --profile   # + where the time goes
 
 For each preset: parameters, forward GFLOPs per image (FlopCounterMode at batch 1, a multiply-add
 counted as 2 FLOPs), and a full training step (forward + loss + backward + AdamW + EMA update) in
@@ -108,6 +109,36 @@ def matmul_peak(device: torch.device, precision: str, *, quick: bool) -> float:
     return 2 * n**3 / time_it(matmul, device, steps=2 if quick else 8, warmup=1 if quick else 2) / 1e9
 
 
+# What the step's time goes to, by the ATen ops' names (self time: an op's own, without the ops it calls)
+OP_KINDS = (("convolution", ("conv",)),
+            ("matmul + attention", ("mm", "linear", "matmul", "attention")),
+            ("optimizer + EMA", ("_foreach", "adam")),
+            ("GroupNorm", ("group_norm",)))
+
+
+def op_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, keys in OP_KINDS if any(k in name for k in keys)), "elementwise + other")
+
+
+def profile_step(step, device: torch.device) -> dict:
+    """Share of one step's op time by kind (OP_KINDS), from torch.profiler: on a CPU, where the elementwise
+    work between the convolutions goes. The profiler's own overhead falls mostly on the small ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    shares: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        shares[op_kind(event.key)] = shares.get(op_kind(event.key), 0.0) + us
+    total = sum(shares.values())
+    return {kind: us / total for kind, us in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
 def run_config(args) -> dict:
     """One (size, precision) configuration: build, count, time. Runs in its own process."""
     from ddpm.diffusion import training_loss
@@ -163,6 +194,13 @@ def run_config(args) -> dict:
         "conv_peak_gflops": peak, "utilisation": 3 * flops * args.batch_size / sec / 1e9 / peak,
         "peak_rss_mb": peak_rss_mb(), "malloc_keep": malloc_kept, "first_step_s": first_step_s,
     }
+    if args.profile:
+        shares = profile_step(step, device)
+        result["time_shares"] = shares
+        # were everything but the convolutions and matmuls free, the utilisation would be this: the ceiling
+        # of any fusion of the elementwise work
+        result["utilisation_if_only_conv_matmul"] = result["utilisation"] / (
+            shares.get("convolution", 0.0) + shares.get("matmul + attention", 0.0))
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
@@ -182,6 +220,8 @@ def main() -> None:
     p.add_argument("--malloc", default="keep", choices=("system", "keep"),
                    help="keep (what python -m ddpm.train does): glibc keeps freed memory; see ddpm.device.keep_freed_memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one step: time shares by op kind (convolution, elementwise, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
     p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)  # worker: one size
@@ -209,6 +249,7 @@ def main() -> None:
                    "--warmup", str(args.warmup), "--channels-last", args.channels_last, "--malloc", args.malloc]
             cmd += ["--quick"] * args.quick + ["--checkpointing"] * args.checkpointing + ["--compile"] * args.compile
             cmd += ["--threads", str(args.threads)] if args.threads else []
+            cmd += ["--profile"] * args.profile
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"benchmark of {size} px {precision} failed:\n{proc.stderr[-3000:]}")
@@ -233,9 +274,14 @@ def main() -> None:
               f"{r['precision']:>5} {r['images_per_s']:>8.2f} {r['step_ms']:>8.0f} {r['achieved_gflops']:>8.0f} "
               f"{r['conv_peak_gflops']:>6.0f} "
               f"{r['utilisation']:>6.1%} {r.get('peak_cuda_mb', r['peak_rss_mb']):>8.0f} {r['first_step_s']:>10.1f}")
+    for r in results if args.profile else []:
+        print(f"{r['image_size']} px {r['precision']}, time by op kind (profiled step): "
+              + ", ".join(f"{k} {v:.0%}" for k, v in r["time_shares"].items())
+              + f"; utilisation were only conv + matmul time left: {r['utilisation_if_only_conv_matmul']:.0%}")
     print(json.dumps({"benchmark": "train_throughput", "device": str(device), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "variant": args.variant, "channels_last": args.channels_last == "on",
-                      "checkpointing": args.checkpointing, "compile": args.compile, "malloc": args.malloc, "quick": args.quick,
+                      "checkpointing": args.checkpointing, "compile": args.compile, "malloc": args.malloc,
+                      "quick": args.quick, "profile": args.profile,
                       "peaks_gflops": peaks, "results": results}))
 
 

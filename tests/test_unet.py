@@ -349,7 +349,7 @@ def test_channels_last_same_result():
 
 def test_benchmark_quick_smoke():
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick", "--threads", "1",
-           "--precision", "bf16"]
+           "--precision", "bf16", "--profile"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -358,3 +358,7 @@ def test_benchmark_quick_smoke():
     assert r["image_size"] == 32 and r["precision"] == "bf16"
     assert r["images_per_s"] > 0 and r["fwd_gflops_per_image"] > 0 and r["peak_rss_mb"] > 0
     assert result["peaks_gflops"]["conv_bf16"] > 0 and r["utilisation"] > 0
+    # the profiled step: shares of its op time that add up, with the convolutions among them
+    assert abs(sum(r["time_shares"].values()) - 1) < 1e-6 and r["time_shares"]["convolution"] > 0
+    assert r["utilisation_if_only_conv_matmul"] >= r["utilisation"]
+    assert "time by op kind" in proc.stdout

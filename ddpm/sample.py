@@ -1,6 +1,7 @@
 """Sample images from a checkpoint: one grid PNG plus every image on its own.
 
-    python -m ddpm.sample --ckpt checkpoints/f64 --n 64 --method dpmpp_2m_sde --steps 20 --seed 0 --out grid.png
+    python -m ddpm.sample --ckpt checkpoints/f64 --n 64 --seed 0 --out grid.png   # the model's default sampler
+    python -m ddpm.sample --ckpt checkpoints/f64 --n 64 --method dpmpp_2m_sde --steps 20 --out grid.png
     # -> grid.png and grid/000.png ... grid/063.png
 
 --ckpt takes a checkpoint file or a run folder (its latest.pt). EMA weights are used unless --no-ema.
@@ -19,12 +20,14 @@ from . import samplers
 from .device import autocast
 
 
-def generate(model, schedule, config, *, n: int, method: str = "dpmpp_2m_sde", steps: int | None = None,
+def generate(model, schedule, config, *, n: int, method: str | None = None, steps: int | None = None,
              spacing: str | None = None, eta: float = 0.0, seed: int = 0, class_label: int | None = None,
              guidance_scale: float = 1.0, batch_size: int | None = None, precision: str = "auto",
              progress: bool = True, callback=None) -> torch.Tensor:
     """n images in [-1, 1] (float32, CPU) from a model returned by ddpm.train.load_model.
 
+    method:      a ddpm.samplers.METHODS entry; None: the model's own (ddpm.samplers.default_sampler: DDIM for
+                 v-prediction, SDE-DPM-Solver++ otherwise, at 20 steps unless `steps` says otherwise).
     spacing:     which training timesteps the steps visit (ddpm.samplers.set_timesteps); None: the method's own.
     class_label: for a conditional model, the class of every image (None: classes 0, 1, 2, ... in turn).
     batch_size:  images per sampler call (default all n); the chunks draw from one generator in turn,
@@ -33,6 +36,9 @@ def generate(model, schedule, config, *, n: int, method: str = "dpmpp_2m_sde", s
     """
     if n < 1:
         raise ValueError(f"n={n} must be at least 1")
+    if method is None:
+        method, default_steps = samplers.default_sampler(config.diffusion.prediction_type)
+        steps = default_steps if steps is None else steps
     num_classes = config.model.num_classes
     if class_label is not None and num_classes is None:
         raise ValueError(f"class_label={class_label} needs a class-conditional model; this one is unconditional")
@@ -87,9 +93,12 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
                                 description="Sample a grid of images from a ddpm checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (uses its latest.pt)")
     p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--method", default="dpmpp_2m_sde", choices=samplers.METHODS)
+    p.add_argument("--method", default=None, choices=samplers.METHODS,
+                   help="default: the model's own, by its prediction type: ddim for v_prediction, "
+                        "dpmpp_2m_sde otherwise (20 steps)")
     p.add_argument("--steps", type=int, default=None,
-                   help="network evaluations (default: ddpm all T, ddim 50, dpmpp_2m and dpmpp_2m_sde 20)")
+                   help="network evaluations (default: 20 with the default method; if --method is given, "
+                        "ddpm all T, ddim 50, dpmpp_2m and dpmpp_2m_sde 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (ddim only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="grid PNG; the single images go to a folder of the same name")

@@ -93,7 +93,7 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 2000            # 0 = never
     sample_n: int = 64
-    sample_method: str = "dpmpp_2m_sde"
+    sample_method: str | None = None    # None: the model's default (samplers.default_sampler)
     sample_steps: int = 20
     sample_guidance_scale: float = 1.0
     checkpoint_every: int = 2000
@@ -106,7 +106,7 @@ class TrainConfig:
         checks = {
             "lr_decay": self.lr_decay in ("none", "cosine"),
             "precision": self.precision in ("auto", "bf16", "fp32"),
-            "sample_method": self.sample_method in samplers.METHODS,
+            "sample_method": self.sample_method is None or self.sample_method in samplers.METHODS,
             "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "max_steps": self.max_steps >= 1, "log_every": self.log_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 1, "sample_every": self.sample_every >= 0,
@@ -116,7 +116,7 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             hint = {"lr_decay": "'none' or 'cosine'", "precision": "'auto', 'bf16' or 'fp32'",
-                    "sample_method": f"one of {samplers.METHODS}", "class_dropout": "in [0, 1)",
+                    "sample_method": f"none or one of {samplers.METHODS}", "class_dropout": "in [0, 1)",
                     "ema_decay": "in [0, 1)", "warmup_steps": ">= 0", "sample_every": ">= 0 (0 = never)"}
             raise ValueError("bad train config: " + "; ".join(
                 f"{k}={getattr(self, k)!r} (expected {hint.get(k, 'a positive value')})" for k in bad))
@@ -627,6 +627,7 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
         return ckpt.save_run_checkpoint(run_dir, state, step=at_step, keep_last=tc.keep_last)
 
     sample_paths = []
+    sample_method = tc.sample_method or samplers.default_sampler(cfg.diffusion.prediction_type)[0]
 
     def write_samples(at_step: int) -> None:
         n = tc.sample_n
@@ -634,7 +635,7 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
         gen = torch.Generator().manual_seed(tc.seed)  # the same start noise every time: frames are comparable
         with ema.swapped_in(), autocast(device, tc.precision):
             images = samplers.sample(raw_model, schedule, (n, cfg.model.in_channels, dc.image_size, dc.image_size),
-                                     method=tc.sample_method, steps=tc.sample_steps, generator=gen, y=y,
+                                     method=sample_method, steps=tc.sample_steps, generator=gen, y=y,
                                      guidance_scale=tc.sample_guidance_scale if y is not None else 1.0,
                                      prediction_type=cfg.diffusion.prediction_type, progress=False, device=device)
         sample_paths.append(save_sample_grid(images, run_dir / "samples" / f"step_{at_step:07d}.png"))

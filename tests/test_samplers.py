@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ddpm.oracle import GaussianDenoiser, gaussian_errors
-from ddpm.samplers import METHODS, sample, set_timesteps
+from ddpm.diffusion import PREDICTION_TYPES
+from ddpm.samplers import METHODS, default_sampler, sample, set_timesteps
 from ddpm.schedules import make_schedule
 
 SHAPE = (1, 4, 4)
@@ -199,3 +200,11 @@ def test_spacings_give_distinct_descending_training_timesteps(spacing, steps):
     assert (ts.diff() < 0).all() and ts.min() >= 0 and ts.max() <= 999
     if spacing in ("trailing", "linspace", "logsnr"):
         assert ts[0] == 999
+
+
+def test_default_sampler_by_prediction_type():
+    # eps needs the stochastic solver (deterministic paths keep its high-noise x0 error); v samples best with DDIM
+    assert default_sampler("epsilon") == ("dpmpp_2m_sde", 20) and default_sampler("v_prediction") == ("ddim", 20)
+    assert all(default_sampler(p)[0] in METHODS for p in PREDICTION_TYPES)
+    with pytest.raises(ValueError, match="prediction_type"):
+        default_sampler("score")

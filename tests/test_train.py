@@ -252,6 +252,26 @@ def test_sample_cli_writes_a_grid_and_single_images(quick_run, tmp_path, sample_
         sample_cli.main(args + ["--out", str(tmp_path / "c.png"), "--class-label", "3"])  # unconditional model
 
 
+def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
+    import dataclasses
+
+    from ddpm.sample import generate
+
+    model, schedule, config = T.load_model(quick_run[0].run_dir)
+    for prediction_type, explicit in (("epsilon", "dpmpp_2m_sde"), ("v_prediction", "ddim")):
+        cfg = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion,
+                                                                         prediction_type=prediction_type))
+        default = generate(model, schedule, cfg, n=2, seed=3, progress=False)
+        assert torch.equal(default, generate(model, schedule, cfg, n=2, method=explicit, steps=20, seed=3,
+                                             progress=False)), prediction_type
+    # steps without a method keep the model's method; a named method keeps its own default steps
+    assert torch.equal(generate(model, schedule, cfg, n=2, steps=4, seed=3, progress=False),
+                       generate(model, schedule, cfg, n=2, method="ddim", steps=4, seed=3, progress=False))
+    assert T.preset("quick", **{"train.sample_method": "none"}).train.sample_method is None
+    with pytest.raises(ValueError, match="sample_method"):
+        T.preset("quick", **{"train.sample_method": "euler"})
+
+
 def test_module_entry_points_run(quick_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "ddpm.train", "--preset", "flowers64", "--out", str(tmp_path),

@@ -35,8 +35,8 @@ DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "logsnr",
 #   network's error at the noisiest steps into saturated colour that a deterministic path keeps; the SDE
 #   solver's fresh noise washes it out (DDIM-20 +28% FID against DDPM-1000, the SDE solver -2%).
 # - v_prediction: x0 = sqrt(abar) x_t - sqrt(1 - abar) v is well conditioned, and DDIM at 20 trailing steps
-#   scored 5-10 FID better than the SDE solver on every min-SNR run and seed (KID level to 10% better),
-#   and level with it without min-SNR.
+#   scored 3.6-10 FID better than the SDE solver on every min-SNR run and seed (KID from 2% worse to 10%
+#   better), and level with it without min-SNR.
 # - sample (x0 itself): not measured, so the SDE solver, the choice that held up with both measured types.
 DEFAULT_SAMPLER = {"epsilon": ("dpmpp_2m_sde", 20), "v_prediction": ("ddim", 20), "sample": ("dpmpp_2m_sde", 20)}
 

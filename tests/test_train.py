@@ -1,5 +1,6 @@
 """ddpm.train and ddpm.sample: configs and overrides, exact resume, non-finite stops, the quick preset, CLIs."""
 
+import dataclasses
 import importlib
 import json
 import math
@@ -253,8 +254,6 @@ def test_sample_cli_writes_a_grid_and_single_images(quick_run, tmp_path, sample_
 
 
 def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
-    import dataclasses
-
     from ddpm.sample import generate
 
     model, schedule, config = T.load_model(quick_run[0].run_dir)
@@ -267,6 +266,8 @@ def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
     # steps without a method keep the model's method; a named method keeps its own default steps
     assert torch.equal(generate(model, schedule, cfg, n=2, steps=4, seed=3, progress=False),
                        generate(model, schedule, cfg, n=2, method="ddim", steps=4, seed=3, progress=False))
+    assert torch.equal(generate(model, schedule, cfg, n=1, method="ddim", seed=3, progress=False),
+                       generate(model, schedule, cfg, n=1, method="ddim", steps=50, seed=3, progress=False))
     assert T.preset("quick", **{"train.sample_method": "none"}).train.sample_method is None
     with pytest.raises(ValueError, match="sample_method"):
         T.preset("quick", **{"train.sample_method": "euler"})

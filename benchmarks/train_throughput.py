@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --sizes 64 --precision bf16 --steps 10
     python benchmarks/train_throughput.py --quick               # smoke test: tiny model, seconds
     python benchmarks/train_throughput.py --sizes 64 --precision bf16 --profile   # + where the time goes
+    python benchmarks/train_throughput.py --sizes 64 --precision bf16 --conv-shapes   # + each conv's GFLOP/s
 
 For each preset: parameters, forward GFLOPs per image (FlopCounterMode at batch 1, a multiply-add
 counted as 2 FLOPs), and a full training step (forward + loss + backward + AdamW + EMA update) in
@@ -139,6 +140,51 @@ def profile_step(step, device: torch.device) -> dict:
     return {kind: us / total for kind, us in sorted(shares.items(), key=lambda kv: -kv[1])}
 
 
+def conv_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, device: torch.device, precision: str, *,
+                quick: bool) -> list[dict]:
+    """Each distinct convolution of the model at the shape it runs at, timed alone (forward + backward, input
+    in the model's memory format and the autocast dtype): which shapes run below the 3x3 peak, and what
+    share of all the convolution time each takes. Found by the aten op, so the convs inside the fused
+    norm-conv node count too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: dict[tuple, dict] = {}
+
+    class RecordConvs(TorchDispatchMode):  # every aten convolution, however the module calls it
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                inp, weight, stride = args[0], args[1], args[3][0]
+                key = (weight.shape[1], weight.shape[0], weight.shape[-1], stride, inp.shape[-1])
+                seen.setdefault(key, {"shape": tuple(inp.shape), "dtype": inp.dtype, "count": 0})["count"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), autocast(device, precision), RecordConvs():
+        model(x, t)
+
+    rows = []
+    for (cin, cout, k, stride, size), info in seen.items():
+        conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2).to(device, memory_format=torch.channels_last)
+        # in the dtype it ran in (the fp32 output conv runs outside autocast)
+        inp = torch.randn(info["shape"], device=device).to(info["dtype"], memory_format=torch.channels_last)
+        inp.requires_grad_()
+
+        def conv_step():
+            with autocast(device, "fp32" if info["dtype"] == torch.float32 else precision):
+                y = conv(inp)
+            y.backward(torch.ones_like(y))
+
+        sec = time_it(conv_step, device, steps=2 if quick else 5, warmup=1)
+        out = size // stride
+        gflop = 3 * 2 * inp.shape[0] * cin * cout * k * k * out * out / 1e9  # forward + backward
+        rows.append({"in": cin, "out": cout, "kernel": k, "stride": stride, "size": size, "count": info["count"],
+                     "ms": sec * 1e3, "gflops": gflop / sec, "total_ms": sec * 1e3 * info["count"],
+                     "total_gflop": gflop * info["count"]})
+    total_ms = sum(r["total_ms"] for r in rows)
+    for r in rows:
+        r["time_share"] = r["total_ms"] / total_ms
+    return sorted(rows, key=lambda r: -r["total_ms"])
+
+
 def run_config(args) -> dict:
     """One (size, precision) configuration: build, count, time. Runs in its own process."""
     from ddpm.diffusion import training_loss
@@ -201,9 +247,27 @@ def run_config(args) -> dict:
         # of any fusion of the elementwise work
         result["utilisation_if_only_conv_matmul"] = result["utilisation"] / (
             shares.get("convolution", 0.0) + shares.get("matmul + attention", 0.0))
+    if args.conv_shapes:
+        t = torch.randint(0, schedule.timesteps, (args.batch_size,), device=device)
+        result["conv_shapes"] = conv_shapes(model, x0, t, device, args.precision, quick=args.quick)
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def print_conv_shapes(r: dict) -> None:
+    rows = r["conv_shapes"]
+    total_ms, total_gflop = sum(x["total_ms"] for x in rows), sum(x["total_gflop"] for x in rows)
+    print(f"\n{r['image_size']} px {r['precision']} batch {r['batch_size']}: each distinct conv alone, fwd+bwd "
+          f"(all: {total_ms:.0f} ms, {total_gflop / total_ms * 1e3:.0f} GFLOP/s, against the step's "
+          f"{r['step_ms']:.0f} ms)")
+    header = f"{'conv':>22} {'size':>5} {'count':>5} {'ms each':>8} {'GFLOP/s':>8} {'time':>6} {'FLOPs':>6}"
+    print(header)
+    print("-" * len(header))
+    for x in rows:
+        name = f"{x['kernel']}x{x['kernel']}{'/' + str(x['stride']) if x['stride'] > 1 else ''} {x['in']}->{x['out']}"
+        print(f"{name:>22} {x['size']:>5} {x['count']:>5} {x['ms']:>8.1f} {x['gflops']:>8.0f} "
+              f"{x['time_share']:>6.1%} {x['total_gflop'] / total_gflop:>6.1%}")
 
 
 def main() -> None:
@@ -222,6 +286,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one step: time shares by op kind (convolution, elementwise, ...)")
+    p.add_argument("--conv-shapes", action="store_true",
+                   help="after timing, time each distinct convolution of the model alone at its shape")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 step: a smoke test")
     p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)  # worker: one size
@@ -249,7 +315,7 @@ def main() -> None:
                    "--warmup", str(args.warmup), "--channels-last", args.channels_last, "--malloc", args.malloc]
             cmd += ["--quick"] * args.quick + ["--checkpointing"] * args.checkpointing + ["--compile"] * args.compile
             cmd += ["--threads", str(args.threads)] if args.threads else []
-            cmd += ["--profile"] * args.profile
+            cmd += ["--profile"] * args.profile + ["--conv-shapes"] * args.conv_shapes
             proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"benchmark of {size} px {precision} failed:\n{proc.stderr[-3000:]}")
@@ -278,10 +344,12 @@ def main() -> None:
         print(f"{r['image_size']} px {r['precision']}, time by op kind (profiled step): "
               + ", ".join(f"{k} {v:.0%}" for k, v in r["time_shares"].items())
               + f"; utilisation were only conv + matmul time left: {r['utilisation_if_only_conv_matmul']:.0%}")
+    for r in results if args.conv_shapes else []:
+        print_conv_shapes(r)
     print(json.dumps({"benchmark": "train_throughput", "device": str(device), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "variant": args.variant, "channels_last": args.channels_last == "on",
                       "checkpointing": args.checkpointing, "compile": args.compile, "malloc": args.malloc,
-                      "quick": args.quick, "profile": args.profile,
+                      "quick": args.quick, "profile": args.profile, "conv_shapes": args.conv_shapes,
                       "peaks_gflops": peaks, "results": results}))
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm.unet import Attention, UNet, UNetConfig, group_norm, timestep_embedding, unet_preset
+import ddpm.unet as unet_module
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for milliseconds per forward; same code path as the presets.
@@ -287,13 +288,39 @@ def test_attention_at_configured_resolutions():
     assert len(attn) == 2 + 3 + 1
     for m in attn:
         m.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[-1]))
-    sdpa = F.scaled_dot_product_attention
-    with mock.patch.object(F, "scaled_dot_product_attention", wraps=sdpa) as spy, torch.no_grad():
+    with mock.patch.object(unet_module, "attention", wraps=unet_module.attention) as spy, torch.no_grad():
         model(*batch(c))
     assert sorted(sizes) == [8] + [16] * 5 and spy.call_count == 6
     assert model.mid[0].attn.heads == 2  # 32 channels / head_dim 16
     simple = UNet(dataclasses.replace(c, attention_resolutions=(), mid_attention=False))
     assert not any(isinstance(m, Attention) for m in simple.modules())
+
+
+@pytest.mark.parametrize("tokens", [64, 256])
+def test_matmul_attention_matches_sdpa(tokens):
+    # on CPU, short sequences skip the SDPA kernel (faster there): the same values and gradients
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 2, 2, tokens, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 2, tokens, 16, dtype=torch.float64)
+    with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as spy:
+        out = unet_module.attention(*qkv)
+    assert spy.call_count == 0
+    (grad,) = torch.autograd.grad(out, qkv, g)
+    ref = F.scaled_dot_product_attention(*qkv)
+    (ref_grad,) = torch.autograd.grad(ref, qkv, g)
+    assert torch.allclose(out, ref, atol=1e-10) and torch.allclose(grad, ref_grad, atol=1e-10)
+    # in bf16 (under autocast in the UNet) the softmax runs in fp32 and the result stays bf16
+    low = unet_module.attention(*qkv.detach().bfloat16())
+    assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 0.05
+
+
+def test_long_sequences_use_sdpa():
+    # the (heads, N, N) probabilities of the matmul form would be large: SDPA's kernel never stores them
+    n = unet_module.MATMUL_ATTENTION_MAX_TOKENS + 1
+    q = torch.randn(1, 1, n, 8)
+    with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as spy:
+        out = unet_module.attention(q, q, q)
+    assert spy.call_count == 1 and out.shape == q.shape
 
 
 def test_gradient_checkpointing_same_gradients():
@@ -347,9 +374,9 @@ def test_channels_last_same_result():
 # --- the benchmark ----------------------------------------------------------------------------
 
 
-def test_benchmark_quick_smoke():
+def test_benchmark_quick_smoke(monkeypatch):
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick", "--threads", "1",
-           "--precision", "bf16", "--profile"]
+           "--precision", "bf16", "--profile", "--conv-shapes"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -362,3 +389,12 @@ def test_benchmark_quick_smoke():
     assert abs(sum(r["time_shares"].values()) - 1) < 1e-6 and r["time_shares"]["convolution"] > 0
     assert r["utilisation_if_only_conv_matmul"] >= r["utilisation"]
     assert "time by op kind" in proc.stdout
+    # every conv of the model's forward, each run once, found inside the fused norm-conv nodes too
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import QUICK_OVERRIDES
+    quick = UNet(unet_preset(32, **QUICK_OVERRIDES))
+    shapes = r["conv_shapes"]
+    assert sum(x["count"] for x in shapes) == sum(isinstance(m, torch.nn.Conv2d) for m in quick.modules())
+    assert abs(sum(x["time_share"] for x in shapes) - 1) < 1e-6 and all(x["gflops"] > 0 for x in shapes)
+    assert {(x["kernel"], x["stride"]) for x in shapes} == {(3, 1), (3, 2), (1, 1)}
+    assert "each distinct conv alone" in proc.stdout

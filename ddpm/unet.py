@@ -82,7 +82,7 @@ def _gn_backward(gy, xhat, rstd, w4, weight, bias, scale, groups):
     p = (r * w.view(B, groups, -1)).view(B, C, 1, 1).to(xhat.dtype)
     q = (-r * m2).expand(B, groups, C // groups).reshape(B, C, 1, 1).to(xhat.dtype)
     c = (-r * m1).expand(B, groups, C // groups).reshape(B, C, 1, 1).to(xhat.dtype)
-    grad_x = torch.addcmul(torch.addcmul(c, xhat, q), gy, p)
+    grad_x = torch.addcmul(c, xhat, q).addcmul_(gy, p)  # in place: one full-size buffer, not two
     grad_scale = grad_shift = None
     if scale is None:
         grad_w, grad_b = s2.sum(0), s1.sum(0)
@@ -107,14 +107,18 @@ class _GroupNormAct(torch.autograd.Function):
         ctx.save_for_backward(xhat, rstd, w4, b4, weight, bias, scale)
         ctx.groups, ctx.act = groups, act
         y = torch.addcmul(b4, xhat, w4)
-        return F.silu(y) if act else y
+        return F.silu(y, inplace=True) if act else y
 
     @staticmethod
     def backward(ctx, grad_out):
         xhat, rstd, w4, b4, weight, bias, scale = ctx.saved_tensors
         grad_out = grad_out.to(xhat.dtype)
         # d/dy: recompute y rather than store it (one multiply-add is cheaper than the memory)
-        gy = torch.ops.aten.silu_backward(grad_out, torch.addcmul(b4, xhat, w4)) if ctx.act else grad_out
+        if ctx.act:
+            y = torch.addcmul(b4, xhat, w4)
+            gy = torch.ops.aten.silu_backward.grad_input(grad_out, y, grad_input=y)  # into y's buffer
+        else:
+            gy = grad_out
         return *_gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups), None, None, None
 
 
@@ -136,8 +140,8 @@ class _GroupNormActConv(torch.autograd.Function):
         cw = conv_weight.to(dtype)
         cb = conv_bias.to(dtype) if conv_bias is not None else None
         with torch.autocast(device, enabled=False):
-            out = F.conv2d(F.silu(torch.addcmul(b4, xhat, w4)).to(dtype), cw, cb, stride, padding, dilation,
-                           conv_groups)
+            out = F.conv2d(F.silu(torch.addcmul(b4, xhat, w4), inplace=True).to(dtype), cw, cb, stride, padding,
+                           dilation, conv_groups)
         ctx.save_for_backward(xhat, rstd, w4, b4, weight, bias, scale, cw)
         ctx.groups, ctx.conv_args = groups, (stride, padding, dilation, conv_groups)
         ctx.bias_dtype = conv_bias.dtype if conv_bias is not None else None
@@ -153,7 +157,7 @@ class _GroupNormActConv(torch.autograd.Function):
         grad_h, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
             grad_out.to(cw.dtype), F.silu(y).to(cw.dtype), cw, [cw.shape[0]] if has_bias else None, stride,
             padding, dilation, False, [0, 0], conv_groups, [True, True, has_bias])
-        gy = torch.ops.aten.silu_backward(grad_h.to(xhat.dtype), y)
+        gy = torch.ops.aten.silu_backward.grad_input(grad_h.to(xhat.dtype), y, grad_input=y)  # into y's buffer
         grads = _gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups)
         return (*grads, None, None, grad_cw.to(ctx.weight_dtype),
                 grad_cb.to(ctx.bias_dtype) if has_bias else None, None, None, None, None)

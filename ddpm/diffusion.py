@@ -80,6 +80,15 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
     return clipped / (snr + 1)
 
 
+def randn_like(x: torch.Tensor) -> torch.Tensor:
+    """torch.randn_like(x), drawn in the standard layout and then laid out like x: on CPU, randn_like of a
+    channels_last tensor takes a serial path, 9x slower (10 ms of a 64 px batch-32 training step)."""
+    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        noise = noise.contiguous(memory_format=torch.channels_last)
+    return noise
+
+
 def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *, y: torch.Tensor | None = None,
                   prediction_type: str = "epsilon", loss_type: str = "mse", min_snr_gamma: float | None = None,
                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +109,7 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *, y: torch.
     if timesteps is None:
         timesteps = torch.randint(0, schedule.timesteps, (batch,), device=x0.device)
     if noise is None:
-        noise = torch.randn_like(x0)
+        noise = randn_like(x0)
     x_t = schedule.add_noise(x0, noise, timesteps)
     output = model(x_t, timesteps) if y is None else model(x_t, timesteps, y)
     target = get_target(schedule, x0, noise, timesteps, prediction_type)

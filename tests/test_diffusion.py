@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.diffusion import (PREDICTION_TYPES, get_target, min_snr_weight, predict_epsilon, predict_x0,
+from ddpm.diffusion import (randn_like, PREDICTION_TYPES, get_target, min_snr_weight, predict_epsilon, predict_x0,
                             training_loss)
 from ddpm.oracle import GaussianDenoiser
 from ddpm.schedules import make_schedule
@@ -91,3 +91,22 @@ def test_conditional_model_receives_labels(batch):
 def test_bad_arguments(batch, kwargs, match):
     with pytest.raises(ValueError, match=match):
         training_loss(lambda x, t: x, make_schedule("linear"), batch[0], **kwargs)
+
+
+def test_training_noise_is_laid_out_like_x0():
+    # the model sees x_t in x0's memory format (channels_last on the fast path), with the same draws
+    # as torch.randn for the same seed
+    x0 = torch.zeros(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    noise = randn_like(x0)
+    torch.manual_seed(0)
+    assert torch.equal(noise, torch.randn(2, 3, 8, 8)) and noise.is_contiguous(memory_format=torch.channels_last)
+    seen = {}
+
+    def model(x, t):
+        seen["x"] = x
+        return x
+
+    training_loss(model, make_schedule("linear"), x0)
+    assert seen["x"].is_contiguous(memory_format=torch.channels_last)
+    assert randn_like(torch.zeros(4, 3)).shape == (4, 3) and randn_like(torch.zeros(2, 3, 8, 8)).is_contiguous()

@@ -23,6 +23,8 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
+from ddpm.samplers import default_sampler
+
 # ---------------------------------------------------------------------------------------------- images
 
 
@@ -514,11 +516,13 @@ class GeneratePanel:
     checkpoints: {name: path} of checkpoints (files or run folders).
     load:        ddpm.train.load_model (path -> (model, schedule, config)); models are loaded once.
     generate:    ddpm.sample.generate (model, schedule, config, n=..., method=..., ...) -> images.
+    methods:     the samplers offered; each checkpoint starts on its own default sampler and steps
+                 (ddpm.samplers.default_sampler: DDIM-20 for a v-prediction model), unless steps is given.
     panel.figure(...) generates without widgets and returns the grid figure (the static fallback).
     """
 
-    def __init__(self, checkpoints: dict, *, load, generate, methods=("dpmpp_2m_sde", "dpmpp_2m", "ddim", "ddpm"),
-                 steps: int = 20, n: int = 16, seed: int = 0):
+    def __init__(self, checkpoints: dict, *, load, generate, methods=("ddim", "dpmpp_2m_sde", "dpmpp_2m", "ddpm"),
+                 steps: int | None = None, n: int = 16, seed: int = 0):
         if not checkpoints:
             raise ValueError("GeneratePanel needs at least one checkpoint ({name: path}); train one first")
         self.checkpoints, self.load, self.generate = dict(checkpoints), load, generate
@@ -537,7 +541,8 @@ class GeneratePanel:
         """Generate self.n images and return their grid (what the button does)."""
         name = name or next(iter(self.checkpoints))
         model, schedule, config = self.model(name)
-        method, steps = method or self.methods[0], steps or self.steps
+        default_method, default_steps = self.default_sampler(name)
+        method, steps = method or default_method, steps or default_steps
         kwargs = {"n": self.n, "method": method, "steps": min(steps, schedule.timesteps),
                   "seed": self.seed if seed is None else seed, "progress": False}
         if config.model.num_classes is not None:
@@ -551,6 +556,12 @@ class GeneratePanel:
         return grid_figure(images, title=f"{name}: {method}, {kwargs['steps']} steps, seed {kwargs['seed']}"
                                          f"{label} ({seconds:.1f} s)")
 
+    def default_sampler(self, name: str) -> tuple[str, int]:
+        """(method, steps) the panel starts on for checkpoint `name`: the model's own default sampler,
+        at self.steps if set."""
+        method, steps = default_sampler(self.model(name)[2].diffusion.prediction_type)
+        return method, self.steps or steps
+
     @property
     def widget(self):
         if self._widget is None:
@@ -562,7 +573,7 @@ class GeneratePanel:
 
         pick = w.Dropdown(options=list(self.checkpoints), description="checkpoint")
         method = w.Dropdown(options=list(self.methods), description="sampler")
-        steps = w.IntSlider(value=self.steps, min=1, max=1000, description="steps")
+        steps = w.IntSlider(value=self.steps or 20, min=1, max=1000, description="steps")
         seed = w.IntText(value=self.seed, description="seed")
         label = w.IntSlider(value=0, min=0, max=1, description="class")
         guidance = w.FloatSlider(value=1.0, min=0.0, max=10.0, step=0.5, description="guidance")
@@ -575,6 +586,9 @@ class GeneratePanel:
             classes = config.model.num_classes
             label.disabled = guidance.disabled = classes is None
             label.max = max(classes - 1, 1) if classes else 1
+            default_method, steps.value = self.default_sampler(pick.value)
+            if default_method in self.methods:
+                method.value = default_method
 
         def on_click(_):
             button.disabled = True

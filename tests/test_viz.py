@@ -194,6 +194,9 @@ def test_generate_panel_figure_calls_load_once(tmp_path):
         class model:
             num_classes = None
 
+        class diffusion:
+            prediction_type = "v_prediction"
+
     def load(path):
         loads.append(path)
         return "model", make_schedule("linear", 10), Cfg
@@ -203,9 +206,34 @@ def test_generate_panel_figure_calls_load_once(tmp_path):
         return torch.zeros(n, 3, 4, 4)
 
     panel = viz.GeneratePanel({"run": tmp_path / "run"}, load=load, generate=generate, n=4, steps=50)
-    fig = panel.figure(method="ddim")
-    assert "ddim, 10 steps" in fig.axes[0].get_title()
-    panel.figure()
+    fig = panel.figure(method="dpmpp_2m")
+    assert "dpmpp_2m, 10 steps" in fig.axes[0].get_title()
+    # no method named: the model's own default sampler (DDIM for a v-prediction model)
+    assert "run: ddim, 10 steps" in panel.figure().axes[0].get_title()
     assert loads == [tmp_path / "run"]
     with pytest.raises(ValueError, match="checkpoint"):
         viz.GeneratePanel({}, load=load, generate=generate)
+
+
+def test_generate_panel_starts_each_checkpoint_on_its_default_sampler():
+    def config(prediction_type):
+        class Cfg:
+            class model:
+                num_classes = None
+
+            class diffusion:
+                pass
+        Cfg.diffusion.prediction_type = prediction_type
+        return Cfg
+
+    configs = {"v": config("v_prediction"), "eps": config("epsilon")}
+    panel = viz.GeneratePanel({"v": "v", "eps": "eps"}, load=lambda p: ("model", None, configs[p]),
+                              generate=None)
+    assert panel.default_sampler("v") == ("ddim", 20) and panel.default_sampler("eps") == ("dpmpp_2m_sde", 20)
+    pytest.importorskip("ipywidgets")
+    box = panel.widget
+    pick, method = box.children[0].children
+    steps = box.children[1].children[0]
+    assert pick.value == "v" and method.value == "ddim" and steps.value == 20
+    pick.value = "eps"
+    assert method.value == "dpmpp_2m_sde"

@@ -321,7 +321,8 @@ class ResBlock(nn.Module):
 
 # PyTorch's CPU kernel for F.scaled_dot_product_attention (flash attention for CPU) runs the short
 # sequences of these UNets (64 and 256 positions) at half the speed of plain matmuls + softmax, forward
-# + backward (benchmarks/train_throughput.py: +4-8% on the whole 64 px training step on a 2-core EPYC).
+# + backward (benchmarks/train_throughput.py: about +4% on the whole 64 px training step, +24% at 32 px, on a
+# 2-core EPYC).
 # The plain form stores the (heads, N, N) probabilities, so it is used only where they are small.
 MATMUL_ATTENTION_MAX_TOKENS = 1024
 

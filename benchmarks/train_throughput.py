@@ -81,22 +81,33 @@ def peak_shape(quick: bool) -> tuple[int, int, int]:
     return (4, 64, 16) if quick else (32, 128, 32)  # batch, channels, size
 
 
-def conv_peak(device: torch.device, precision: str, *, channels_last: bool, quick: bool) -> float:
-    """GFLOP/s of a dense 3x3 conv, forward + backward: what the hardware does on the UNet's main op."""
-    b, c, s = peak_shape(quick)
+def time_conv(device: torch.device, precision: str, shape: tuple, out_channels: int, *, kernel: int = 3,
+              stride: int = 1, dtype: torch.dtype | None = None, channels_last: bool = True, steps: int = 8,
+              warmup: int = 2) -> tuple[float, float]:
+    """(GFLOP, seconds) of one conv, forward + backward, on an input of `shape` (B, C, H, W) in `dtype` (default:
+    the precision's: inside the UNet activations are already bf16 under autocast, so time the conv, not a cast)."""
+    b, cin, size = shape[0], shape[1], shape[-1]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(device, memory_format=fmt)
-    # inside the UNet activations are already bf16 under autocast: time the conv, not a cast
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    x = torch.randn(b, c, s, s, device=device).to(dtype, memory_format=fmt).requires_grad_()
+    conv = torch.nn.Conv2d(cin, out_channels, kernel, stride=stride, padding=kernel // 2).to(device, memory_format=fmt)
+    dtype = dtype or (torch.bfloat16 if precision == "bf16" else torch.float32)
+    x = torch.randn(shape, device=device).to(dtype, memory_format=fmt).requires_grad_()
 
     def conv_step():
-        with autocast(device, precision):
+        with autocast(device, "fp32" if dtype == torch.float32 else precision):
             y = conv(x)
         y.backward(torch.ones_like(y))
 
+    out = size // stride
+    gflop = 3 * 2 * b * cin * out_channels * kernel * kernel * out * out / 1e9  # forward + backward
+    return gflop, time_it(conv_step, device, steps=steps, warmup=warmup)
+
+
+def conv_peak(device: torch.device, precision: str, *, channels_last: bool, quick: bool) -> float:
+    """GFLOP/s of a dense 3x3 conv, forward + backward: what the hardware does on the UNet's main op."""
+    b, c, s = peak_shape(quick)
     steps, warmup = (2, 1) if quick else (8, 2)
-    return 3 * 2 * b * c * c * 9 * s * s / time_it(conv_step, device, steps=steps, warmup=warmup) / 1e9
+    gflop, sec = time_conv(device, precision, (b, c, s, s), c, channels_last=channels_last, steps=steps, warmup=warmup)
+    return gflop / sec
 
 
 def matmul_peak(device: torch.device, precision: str, *, quick: bool) -> float:
@@ -163,19 +174,9 @@ def conv_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, device
 
     rows = []
     for (cin, cout, k, stride, size), info in seen.items():
-        conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2).to(device, memory_format=torch.channels_last)
         # in the dtype it ran in (the fp32 output conv runs outside autocast)
-        inp = torch.randn(info["shape"], device=device).to(info["dtype"], memory_format=torch.channels_last)
-        inp.requires_grad_()
-
-        def conv_step():
-            with autocast(device, "fp32" if info["dtype"] == torch.float32 else precision):
-                y = conv(inp)
-            y.backward(torch.ones_like(y))
-
-        sec = time_it(conv_step, device, steps=2 if quick else 5, warmup=1)
-        out = size // stride
-        gflop = 3 * 2 * inp.shape[0] * cin * cout * k * k * out * out / 1e9  # forward + backward
+        gflop, sec = time_conv(device, precision, info["shape"], cout, kernel=k, stride=stride, dtype=info["dtype"],
+                               steps=2 if quick else 5, warmup=1)
         rows.append({"in": cin, "out": cout, "kernel": k, "stride": stride, "size": size, "count": info["count"],
                      "ms": sec * 1e3, "gflops": gflop / sec, "total_ms": sec * 1e3 * info["count"],
                      "total_gflop": gflop * info["count"]})

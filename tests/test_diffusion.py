@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.diffusion import (randn_like, PREDICTION_TYPES, get_target, min_snr_weight, predict_epsilon, predict_x0,
+from ddpm.diffusion import (PREDICTION_TYPES, get_target, min_snr_weight, predict_epsilon, predict_x0, randn_like,
                             training_loss)
 from ddpm.oracle import GaussianDenoiser
 from ddpm.schedules import make_schedule

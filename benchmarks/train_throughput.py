@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
@@ -81,25 +82,59 @@ def peak_shape(quick: bool) -> tuple[int, int, int]:
     return (4, 64, 16) if quick else (32, 128, 32)  # batch, channels, size
 
 
+def conv_and_input(device: torch.device, shape: tuple, out_channels: int, *, kernel: int, stride: int,
+                   dtype: torch.dtype, channels_last: bool) -> tuple[torch.nn.Conv2d, torch.Tensor]:
+    """A conv as the UNet builds them (padding kernel // 2) and a random input of `shape` (B, C, H, W)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = torch.nn.Conv2d(shape[1], out_channels, kernel, stride=stride, padding=kernel // 2)
+    conv = conv.to(device, memory_format=fmt)
+    return conv, torch.randn(shape, device=device).to(dtype, memory_format=fmt)
+
+
+def conv_gflop(shape: tuple, out_channels: int, kernel: int, stride: int) -> float:
+    """GFLOP of one pass of a conv (forward, or either half of its backward: the same multiply-adds)."""
+    b, cin, out = shape[0], shape[1], shape[-1] // stride
+    return 2 * b * cin * out_channels * kernel * kernel * out * out / 1e9
+
+
 def time_conv(device: torch.device, precision: str, shape: tuple, out_channels: int, *, kernel: int = 3,
               stride: int = 1, dtype: torch.dtype | None = None, channels_last: bool = True, steps: int = 8,
               warmup: int = 2) -> tuple[float, float]:
     """(GFLOP, seconds) of one conv, forward + backward, on an input of `shape` (B, C, H, W) in `dtype` (default:
     the precision's: inside the UNet activations are already bf16 under autocast, so time the conv, not a cast)."""
-    b, cin, size = shape[0], shape[1], shape[-1]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    conv = torch.nn.Conv2d(cin, out_channels, kernel, stride=stride, padding=kernel // 2).to(device, memory_format=fmt)
     dtype = dtype or (torch.bfloat16 if precision == "bf16" else torch.float32)
-    x = torch.randn(shape, device=device).to(dtype, memory_format=fmt).requires_grad_()
+    conv, x = conv_and_input(device, shape, out_channels, kernel=kernel, stride=stride, dtype=dtype,
+                             channels_last=channels_last)
+    x.requires_grad_()
 
     def conv_step():
         with autocast(device, "fp32" if dtype == torch.float32 else precision):
             y = conv(x)
         y.backward(torch.ones_like(y))
 
-    out = size // stride
-    gflop = 3 * 2 * b * cin * out_channels * kernel * kernel * out * out / 1e9  # forward + backward
+    gflop = 3 * conv_gflop(shape, out_channels, kernel, stride)  # forward + backward
     return gflop, time_it(conv_step, device, steps=steps, warmup=warmup)
+
+
+CONV_PASSES = ("forward", "backward_data", "backward_weight")
+
+
+def time_conv_passes(device: torch.device, shape: tuple, out_channels: int, *, kernel: int, stride: int,
+                     dtype: torch.dtype, steps: int, warmup: int) -> dict[str, float]:
+    """Seconds of each of a conv's three passes alone ({pass: s} over CONV_PASSES): the forward, the backward
+    to its input, and the backward to its weight and bias. Each is the same multiply-adds, so one running
+    below the others is that pass's kernel, not the shape."""
+    conv, x = conv_and_input(device, shape, out_channels, kernel=kernel, stride=stride, dtype=dtype,
+                             channels_last=True)
+    w, b = conv.weight.detach().to(dtype), conv.bias.detach().to(dtype)
+    with torch.no_grad():
+        gy = torch.ones_like(F.conv2d(x, w, b, conv.stride, conv.padding))
+    args = (gy, x, w, [out_channels], conv.stride, conv.padding, conv.dilation, False, [0, 0], 1)
+    calls = {"forward": lambda: F.conv2d(x, w, b, conv.stride, conv.padding),
+             "backward_data": lambda: torch.ops.aten.convolution_backward(*args, [True, False, False]),
+             "backward_weight": lambda: torch.ops.aten.convolution_backward(*args, [False, True, True])}
+    with torch.no_grad():
+        return {name: time_it(calls[name], device, steps=steps, warmup=warmup) for name in CONV_PASSES}
 
 
 def conv_peak(device: torch.device, precision: str, *, channels_last: bool, quick: bool) -> float:
@@ -156,7 +191,8 @@ def conv_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, device
     """Each distinct convolution of the model at the shape it runs at, timed alone (forward + backward, input
     in the model's memory format and the autocast dtype): which shapes run below the 3x3 peak, and what
     share of all the convolution time each takes. Found by the aten op, so the convs inside the fused
-    norm-conv node count too."""
+    norm-conv node count too. Each row also times the conv's forward, backward-to-input and backward-to-weight
+    passes one at a time (time_conv_passes): which of the three kernels falls below the others."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen: dict[tuple, dict] = {}
@@ -175,11 +211,15 @@ def conv_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, device
     rows = []
     for (cin, cout, k, stride, size), info in seen.items():
         # in the dtype it ran in (the fp32 output conv runs outside autocast)
+        steps = 2 if quick else 5
         gflop, sec = time_conv(device, precision, info["shape"], cout, kernel=k, stride=stride, dtype=info["dtype"],
-                               steps=2 if quick else 5, warmup=1)
+                               steps=steps, warmup=1)
+        passes = time_conv_passes(device, info["shape"], cout, kernel=k, stride=stride, dtype=info["dtype"],
+                                  steps=steps, warmup=1)
         rows.append({"in": cin, "out": cout, "kernel": k, "stride": stride, "size": size, "count": info["count"],
                      "ms": sec * 1e3, "gflops": gflop / sec, "total_ms": sec * 1e3 * info["count"],
-                     "total_gflop": gflop * info["count"]})
+                     "total_gflop": gflop * info["count"], "pass_gflop": gflop / 3,
+                     "pass_ms": {name: s * 1e3 for name, s in passes.items()}})
     total_ms = sum(r["total_ms"] for r in rows)
     for r in rows:
         r["time_share"] = r["total_ms"] / total_ms
@@ -261,14 +301,22 @@ def print_conv_shapes(r: dict) -> None:
     total_ms, total_gflop = sum(x["total_ms"] for x in rows), sum(x["total_gflop"] for x in rows)
     print(f"\n{r['image_size']} px {r['precision']} batch {r['batch_size']}: each distinct conv alone, fwd+bwd "
           f"(all: {total_ms:.0f} ms, {total_gflop / total_ms * 1e3:.0f} GFLOP/s, against the step's "
-          f"{r['step_ms']:.0f} ms)")
-    header = f"{'conv':>22} {'size':>5} {'count':>5} {'ms each':>8} {'GFLOP/s':>8} {'time':>6} {'FLOPs':>6}"
+          f"{r['step_ms']:.0f} ms); then each pass alone: forward, backward to the input, backward to the weight")
+    header = (f"{'conv':>22} {'size':>5} {'count':>5} {'ms each':>8} {'GFLOP/s':>8} {'time':>6} {'FLOPs':>6} "
+              f"{'fwd':>6} {'bwd-in':>6} {'bwd-w':>6}")
     print(header)
     print("-" * len(header))
     for x in rows:
         name = f"{x['kernel']}x{x['kernel']}{'/' + str(x['stride']) if x['stride'] > 1 else ''} {x['in']}->{x['out']}"
+        per_pass = " ".join(f"{x['pass_gflop'] / x['pass_ms'][p] * 1e3:>6.0f}" for p in CONV_PASSES)
         print(f"{name:>22} {x['size']:>5} {x['count']:>5} {x['ms']:>8.1f} {x['gflops']:>8.0f} "
-              f"{x['time_share']:>6.1%} {x['total_gflop'] / total_gflop:>6.1%}")
+              f"{x['time_share']:>6.1%} {x['total_gflop'] / total_gflop:>6.1%} {per_pass}")
+    # all the model's convs, pass by pass: the share of conv time each pass takes, and its GFLOP/s
+    pass_ms = {p: sum(x["pass_ms"][p] * x["count"] for x in rows) for p in CONV_PASSES}
+    all_ms = sum(pass_ms.values())
+    print("by pass, all convs: " + ", ".join(
+        f"{p} {pass_ms[p] / all_ms:.0%} of the time at {total_gflop / 3 / pass_ms[p] * 1e3:.0f} GFLOP/s"
+        for p in CONV_PASSES))
 
 
 def main() -> None:

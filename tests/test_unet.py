@@ -398,3 +398,8 @@ def test_benchmark_quick_smoke(monkeypatch):
     assert abs(sum(x["time_share"] for x in shapes) - 1) < 1e-6 and all(x["gflops"] > 0 for x in shapes)
     assert {(x["kernel"], x["stride"]) for x in shapes} == {(3, 1), (3, 2), (1, 1)}
     assert "each distinct conv alone" in proc.stdout
+    # and each conv's three passes timed one at a time, the same FLOPs each
+    assert all(set(x["pass_ms"]) == {"forward", "backward_data", "backward_weight"}
+               and all(ms > 0 for ms in x["pass_ms"].values()) for x in shapes)
+    assert all(abs(x["pass_gflop"] * 3 - x["total_gflop"] / x["count"]) < 1e-9 for x in shapes)
+    assert "by pass, all convs: forward" in proc.stdout

@@ -6,6 +6,8 @@ on the shared flowers, sample from the EMA weights, and report FID and KID on re
     python benchmarks/quality_budget.py --quick               # a smoke run of the script itself
     python benchmarks/quality_budget.py --checkpoint benchmarks/results/quality_budget --seed 1 \
         --samplers dpmpp_2m_sde:20,dpmpp_2m:20:trailing        # score a trained run again, no training
+    python benchmarks/quality_budget.py --checkpoint benchmarks/results/quality_budget --weights live \
+        --samplers ddim:20                                     # the live weights: what the EMA buys
 
 The budget counts process CPU time (time.process_time: every thread of this process), not wall time,
 so it means the same on a busy or an idle machine. Training runs in chunks of --chunk steps (each chunk
@@ -71,7 +73,11 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=1000, help="generated images for FID/KID")
     p.add_argument("--samplers", default="ddim:20,dpmpp_2m_sde:20,dpmpp_2m:20,ddim:50",
                    help="method:steps[:spacing] to score; add ddpm:1000 for the reference (50x the cost of ddim:20)")
+    p.add_argument("--num-real", type=int, default=None,
+                   help="real images to score against (default: all 2,040 of the shared copy; --quick: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samplers' start noise")
+    p.add_argument("--weights", choices=("ema", "live"), default="ema",
+                   help="sample from the EMA weights (what generate uses) or the live ones: what the EMA buys")
     p.add_argument("--checkpoint", default=None,
                    help="score this trained run (folder or .pt) instead of training one; --out gets the grids")
     p.add_argument("--device", default="cpu")
@@ -80,6 +86,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.cpu_minutes, args.chunk, args.num_images = 0.2, 10, 32
+        args.num_real = args.num_real or 64  # Inception on all real images would be most of the smoke run
 
     overrides = {"data.source": "flowers102", "data.root": args.data_root, "train.device": args.device,
                  "train.sample_every": 0, "train.checkpoint_every": args.chunk, "train.keep_last": 1}
@@ -94,20 +101,20 @@ def main() -> None:
     keep_freed_memory()  # as python -m ddpm.train does
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint)
-        model, schedule, cfg = model_from_state(state, device=args.device)
+        model, schedule, cfg = model_from_state(state, use_ema=args.weights == "ema", device=args.device)
         steps, cpu_s, wall_s = int(state["step"]), None, None
         out.mkdir(parents=True, exist_ok=True)
-        print(f"scoring {args.checkpoint} (step {steps}), seed {args.seed}")
+        print(f"scoring {args.checkpoint} (step {steps}, {args.weights} weights), seed {args.seed}")
     else:
         if out.exists() and any(out.glob("*.pt")):
             raise SystemExit(f"{out} already holds a run; pass another --out, delete it, "
                              "or score it with --checkpoint")
         print(f"training folder32 on {args.data_root} for {args.cpu_minutes:g} CPU-minutes ({get_device(args.device)})")
         steps, cpu_s, wall_s = train_for_budget(config, out, args.cpu_minutes * 60, args.chunk)
-        model, schedule, cfg = load_model(out / "latest.pt", device=args.device)
+        model, schedule, cfg = load_model(out / "latest.pt", use_ema=args.weights == "ema", device=args.device)
 
     real = load_dataset("flowers102", args.data_root, image_size=cfg.data.image_size)
-    evaluator = FIDEvaluator(real, device=args.device)
+    evaluator = FIDEvaluator(real, device=args.device, num_real=args.num_real)
     rows = []
     for method, nfe, spacing in runs:
         t0 = time.perf_counter()
@@ -116,8 +123,9 @@ def main() -> None:
         sample_s = time.perf_counter() - t0
         scores = evaluator.score(images)
         spacing = spacing or DEFAULT_SPACING[method]
-        save_sample_grid(images[:64], out / f"samples_{method}_{nfe}_{spacing}_seed{args.seed}.png")
-        rows.append({"method": method, "nfe": nfe, "spacing": spacing, "seed": args.seed,
+        live = "_live" if args.weights == "live" else ""
+        save_sample_grid(images[:64], out / f"samples_{method}_{nfe}_{spacing}_seed{args.seed}{live}.png")
+        rows.append({"method": method, "nfe": nfe, "spacing": spacing, "seed": args.seed, "weights": args.weights,
                      "fid": round(scores["fid"], 2), "kid_mean": round(scores["kid_mean"], 5),
                      "kid_std": round(scores["kid_std"], 5), "sample_s": round(sample_s, 1)})
         print(f"  {method} {nfe} NFE ({spacing}): FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f}, "
@@ -126,7 +134,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     trained = (f"{steps} steps (batch {cfg.train.batch_size})" if cpu_s is None else
                f"{steps} steps (batch {cfg.train.batch_size}) in {cpu_s / 60:.1f} CPU-min / {wall_s / 60:.1f} wall-min")
-    print(f"\n{trained}; {params / 1e6:.1f} M params; {args.num_images} generated vs "
+    print(f"\n{trained}; {params / 1e6:.1f} M params, {args.weights} weights; {args.num_images} generated vs "
           f"{len(evaluator.real_features)} real images")
     print(f"{'method':<14}{'NFE':>6}{'spacing':>10}{'FID':>9}{'KID':>10}{'±':>9}{'sample s':>10}")
     for r in rows:

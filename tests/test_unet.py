@@ -1,12 +1,9 @@
 """ddpm.unet: embedding closed form, the fused GroupNorm against PyTorch's, presets and configs,
-zero-init, conditioning, attention placement, checkpointing, bf16 and channels_last; the benchmark."""
+zero-init, conditioning, attention placement, checkpointing, bf16 and channels_last."""
 
 import dataclasses
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -16,7 +13,6 @@ import torch.nn.functional as F
 from ddpm.unet import Attention, UNet, UNetConfig, group_norm, timestep_embedding, unet_preset
 import ddpm.unet as unet_module
 
-REPO = Path(__file__).resolve().parents[1]
 # Small enough for milliseconds per forward; same code path as the presets.
 TINY = {"base_channels": 16, "channel_mults": (1, 2), "num_res_blocks": 1, "groups": 4, "head_dim": 16}
 
@@ -369,37 +365,3 @@ def test_channels_last_same_result():
             assert out.is_contiguous(memory_format=torch.channels_last)
             assert torch.allclose(out, ref, atol=1e-5)
     model(x.contiguous(memory_format=torch.channels_last), t).sum().backward()
-
-
-# --- the benchmark ----------------------------------------------------------------------------
-
-
-def test_benchmark_quick_smoke(monkeypatch):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--quick", "--threads", "1",
-           "--precision", "bf16", "--profile", "--conv-shapes"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["benchmark"] == "train_throughput" and result["quick"]
-    (r,) = result["results"]
-    assert r["image_size"] == 32 and r["precision"] == "bf16"
-    assert r["images_per_s"] > 0 and r["fwd_gflops_per_image"] > 0 and r["peak_rss_mb"] > 0
-    assert result["peaks_gflops"]["conv_bf16"] > 0 and r["utilisation"] > 0
-    # the profiled step: shares of its op time that add up, with the convolutions among them
-    assert abs(sum(r["time_shares"].values()) - 1) < 1e-6 and r["time_shares"]["convolution"] > 0
-    assert r["utilisation_if_only_conv_matmul"] >= r["utilisation"]
-    assert "time by op kind" in proc.stdout
-    # every conv of the model's forward, each run once, found inside the fused norm-conv nodes too
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from train_throughput import QUICK_OVERRIDES
-    quick = UNet(unet_preset(32, **QUICK_OVERRIDES))
-    shapes = r["conv_shapes"]
-    assert sum(x["count"] for x in shapes) == sum(isinstance(m, torch.nn.Conv2d) for m in quick.modules())
-    assert abs(sum(x["time_share"] for x in shapes) - 1) < 1e-6 and all(x["gflops"] > 0 for x in shapes)
-    assert {(x["kernel"], x["stride"]) for x in shapes} == {(3, 1), (3, 2), (1, 1)}
-    assert "each distinct conv alone" in proc.stdout
-    # and each conv's three passes timed one at a time, the same FLOPs each
-    assert all(set(x["pass_ms"]) == {"forward", "backward_data", "backward_weight"}
-               and all(ms > 0 for ms in x["pass_ms"].values()) for x in shapes)
-    assert all(abs(x["pass_gflop"] * 3 - x["total_gflop"] / x["count"]) < 1e-9 for x in shapes)
-    assert "by pass, all convs: forward" in proc.stdout

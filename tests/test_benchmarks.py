@@ -1,0 +1,108 @@
+"""The benchmark scripts run, and print what their tables and JSON lines promise (--quick: seconds each).
+
+They are not timed here (timings belong to the scripts themselves, run alone); what is checked is that each
+runs to the end on the CPU and that its figures are the ones the README quotes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ddpm.unet import UNet, unet_preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, *args: str, env: dict | None = None, timeout: int = 300):
+    """(the finished process, its last line as JSON): every benchmark ends with one JSON line."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], check=False,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_throughput_quick(monkeypatch):
+    proc, result = run_benchmark("train_throughput.py", "--quick", "--threads", "1", "--precision", "bf16",
+                                 "--profile", "--conv-shapes")
+    assert result["benchmark"] == "train_throughput" and result["quick"]
+    (r,) = result["results"]
+    assert r["image_size"] == 32 and r["precision"] == "bf16"
+    assert r["images_per_s"] > 0 and r["fwd_gflops_per_image"] > 0 and r["peak_rss_mb"] > 0
+    assert result["peaks_gflops"]["conv_bf16"] > 0 and r["utilisation"] > 0
+    # the profiled step: shares of its op time that add up, with the convolutions among them
+    assert abs(sum(r["time_shares"].values()) - 1) < 1e-6 and r["time_shares"]["convolution"] > 0
+    assert r["utilisation_if_only_conv_matmul"] >= r["utilisation"]
+    assert "time by op kind" in proc.stdout
+    # every conv of the model's forward, each run once, found inside the fused norm-conv nodes too
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import QUICK_OVERRIDES
+    quick = UNet(unet_preset(32, **QUICK_OVERRIDES))
+    shapes = r["conv_shapes"]
+    assert sum(x["count"] for x in shapes) == sum(isinstance(m, torch.nn.Conv2d) for m in quick.modules())
+    assert abs(sum(x["time_share"] for x in shapes) - 1) < 1e-6 and all(x["gflops"] > 0 for x in shapes)
+    assert {(x["kernel"], x["stride"]) for x in shapes} == {(3, 1), (3, 2), (1, 1)}
+    assert "each distinct conv alone" in proc.stdout
+    # and each conv's three passes timed one at a time, the same FLOPs each
+    assert all(set(x["pass_ms"]) == {"forward", "backward_data", "backward_weight"}
+               and all(ms > 0 for ms in x["pass_ms"].values()) for x in shapes)
+    assert all(abs(x["pass_gflop"] * 3 - x["total_gflop"] / x["count"]) < 1e-9 for x in shapes)
+    assert "by pass, all convs: forward" in proc.stdout
+
+
+def test_samplers_quick():
+    proc, result = run_benchmark("samplers.py", "--quick")
+    assert result["benchmark"] == "samplers"
+    w2 = {(r["method"], r["nfe"]): r["w2"] for r in result["oracle"]}
+    assert set(w2) == {(m, n) for m in ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde") for n in (10, 20)}
+    # the README's claim, on the exact Gaussian denoiser: DPM-Solver++ at 10 NFE beats DDIM at 20
+    assert w2[("dpmpp_2m", 10)] < w2[("ddim", 20)] and w2[("dpmpp_2m_sde", 10)] < w2[("ddim", 20)]
+    lat = {r["method"]: r for r in result["latency"]}
+    assert lat["ddpm"]["steps"] == 1000 and all(r["seconds_per_image"] > 0 for r in lat.values())
+
+
+def test_data_loader_quick(flowers_root):
+    proc, result = run_benchmark("data_loader.py", "--quick", "--image-size", "32", "--batch-size", "16",
+                                 env={"DATA_ROOT": str(flowers_root)})
+    assert result["benchmark"] == "data_loader" and result["source"] == "flowers102"
+    assert result["n_images"] == len(list((flowers_root / "flowers-102" / "jpg").glob("*.jpg")))
+    assert result["decode_images_per_s"] > 0 and result["stream_images_per_s"] > 0
+    assert 0 < result["loader_share"] < 1 and "loader share of step" in proc.stdout
+
+
+def test_fid_quick(flowers_root):
+    proc, result = run_benchmark("fid.py", "--quick", "--image-size", "32", "--data-root", str(flowers_root))
+    assert result["benchmark"] == "fid" and result["num_images"] == 25
+    assert result["inception_images_per_s"] > 0 and result["eval_cached_s"] > 0 and result["eval_uncached_s"] > 0
+    # two disjoint draws of real flowers: a finite, positive FID (25 images each, so far from 0)
+    assert 0 < result["fid_real_vs_real"] < 1000
+
+
+def test_quality_budget_quick_then_rescore(flowers_root, tmp_path):
+    out = tmp_path / "run"
+    proc, result = run_benchmark("quality_budget.py", "--quick", "--data-root", str(flowers_root), "--out", str(out),
+                                 "--samplers", "ddim:20,dpmpp_2m_sde:10")
+    assert result["benchmark"] == "quality_budget" and result["checkpoint"] is None
+    assert result["steps"] > 0 and result["steps"] % 10 == 0 and result["cpu_minutes"] >= 0.2
+    assert result["num_real"] == 64 and result["num_generated"] == 32
+    assert [(r["method"], r["nfe"], r["weights"]) for r in result["results"]] == [("ddim", 20, "ema"),
+                                                                                 ("dpmpp_2m_sde", 10, "ema")]
+    assert all(r["fid"] > 0 for r in result["results"])
+    assert (out / "samples_ddim_20_trailing_seed0.png").is_file() and (out / "latest.pt").is_file()
+    # the same folder again would overwrite a run: refused, with a pointer to --checkpoint
+    again = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_budget.py"), "--quick",
+                            "--data-root", str(flowers_root), "--out", str(out)],
+                           check=False, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "--checkpoint" in again.stderr
+    # scored again from the checkpoint, with the live weights: no training, its own grid
+    proc, rescored = run_benchmark("quality_budget.py", "--quick", "--data-root", str(flowers_root),
+                                   "--checkpoint", str(out), "--out", str(tmp_path / "live"), "--weights", "live",
+                                   "--samplers", "ddim:20")
+    assert rescored["checkpoint"] == str(out) and rescored["steps"] == result["steps"]
+    assert rescored["results"][0]["weights"] == "live" and "live weights" in proc.stdout
+    assert (tmp_path / "live" / "samples_ddim_20_trailing_seed0_live.png").is_file()
+    # the EMA and the live weights differ after training, so do their samples' scores
+    assert rescored["results"][0]["fid"] != result["results"][0]["fid"]

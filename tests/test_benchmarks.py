@@ -17,10 +17,15 @@ from ddpm.unet import UNet, unet_preset
 REPO = Path(__file__).resolve().parents[1]
 
 
+def start_benchmark(script: str, *args: str, env: dict | None = None, timeout: int = 300):
+    """The finished process of benchmarks/<script> with these arguments, whatever its exit status."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], check=False,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
 def run_benchmark(script: str, *args: str, env: dict | None = None, timeout: int = 300):
     """(the finished process, its last line as JSON): every benchmark ends with one JSON line."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], check=False,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = start_benchmark(script, *args, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -93,9 +98,8 @@ def test_quality_budget_quick_then_rescore(flowers_root, tmp_path):
     assert all(r["fid"] > 0 for r in result["results"])
     assert (out / "samples_ddim_20_trailing_seed0.png").is_file() and (out / "latest.pt").is_file()
     # the same folder again would overwrite a run: refused, with a pointer to --checkpoint
-    again = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_budget.py"), "--quick",
-                            "--data-root", str(flowers_root), "--out", str(out)],
-                           check=False, capture_output=True, text=True, timeout=120)
+    again = start_benchmark("quality_budget.py", "--quick", "--data-root", str(flowers_root), "--out", str(out),
+                            timeout=120)
     assert again.returncode != 0 and "--checkpoint" in again.stderr
     # scored again from the checkpoint, with the live weights: no training, its own grid
     proc, rescored = run_benchmark("quality_budget.py", "--quick", "--data-root", str(flowers_root),

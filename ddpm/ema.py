@@ -1,11 +1,14 @@
 """Exponential moving average of a model's weights: the weights DDPM samples with.
 
-    shadow <- decay_t * shadow + (1 - decay_t) * live,   decay_t = min(decay, (1 + n) / (10 + n))
+    shadow <- decay_t * shadow + (1 - decay_t) * live,   decay_t = min(decay, (1 + n) / (w + n))
 
 n counts the averaging updates made so far, so early on (n small) the average forgets the random
-initialisation quickly. Parameters and floating-point buffers are averaged, other buffers copied.
-The shadow stays in fp32 whatever the live model's dtype, and is updated with foreach ops (one
-kernel launch per group of tensors, not one per tensor): this runs after every optimizer step.
+initialisation quickly. Until decay_t reaches `decay`, the shadow is an average of all the live weights
+so far weighted by step^(w - 2), whose mean lies (w - 1)/w of the way through the run: w (`warmup`,
+10 by default, the classic value) sets how far back it looks, and a smaller w looks further back.
+Parameters and floating-point buffers are averaged, other buffers copied. The shadow stays in fp32
+whatever the live model's dtype, and is updated with foreach ops (one kernel launch per group of
+tensors, not one per tensor): this runs after every optimizer step.
 """
 
 from __future__ import annotations
@@ -27,14 +30,25 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def _warmup_value(warmup) -> float:
+    """The w of the warm-up as a float: 0 for none. True / False (what checkpoints before the knob hold)
+    mean the classic 10 and none."""
+    if isinstance(warmup, bool):
+        return 10.0 if warmup else 0.0
+    if not (warmup == 0 or warmup > 1):
+        raise ValueError(f"warmup={warmup} must be 0 (none) or > 1 (decay_t = (1 + n) / (warmup + n))")
+    return float(warmup)
+
+
 class EMA:
     def __init__(self, model: nn.Module, *, decay: float = 0.9999, update_after_step: int = 0,
-                 update_every: int = 1, warmup: bool = True):
+                 update_every: int = 1, warmup: float = 10.0):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay={decay} must be in [0, 1)")
         if update_after_step < 0 or update_every < 1:
             raise ValueError(f"need update_after_step >= 0 and update_every >= 1, "
                              f"got {update_after_step} and {update_every}")
+        warmup = _warmup_value(warmup)
         self.model = unwrap(model)
         self.decay, self.update_after_step, self.update_every, self.warmup = decay, update_after_step, update_every, warmup
         self.step = 0         # update() calls so far
@@ -53,7 +67,7 @@ class EMA:
         if not self.warmup:
             return self.decay
         n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n))
+        return min(self.decay, (1 + n) / (self.warmup + n))
 
     @torch.no_grad()
     def update(self) -> None:
@@ -112,5 +126,5 @@ class EMA:
                                  f"this model {tuple(self.shadow[k].shape)}")
             self.shadow[k].copy_(shadow[k])
         self.decay, self.update_after_step = float(state["decay"]), int(state["update_after_step"])
-        self.update_every, self.warmup = int(state["update_every"]), bool(state["warmup"])
+        self.update_every, self.warmup = int(state["update_every"]), _warmup_value(state["warmup"])
         self.step, self.num_updates = int(state["step"]), int(state["num_updates"])

@@ -85,6 +85,7 @@ class TrainConfig:
     grad_clip: float = 1.0              # max global grad norm; 0 = off
     grad_accum: int = 1                 # micro-batches per step (batch_size must divide evenly)
     ema_decay: float = 0.9995
+    ema_warmup: float = 10.0            # w of decay_t = min(ema_decay, (1 + n) / (w + n)); smaller: longer average; 0: none
     ema_update_after_step: int = 0
     ema_update_every: int = 1
     precision: str = "auto"             # "auto" | "bf16" | "fp32" (see ddpm.device.autocast_dtype)
@@ -111,13 +112,15 @@ class TrainConfig:
             "max_steps": self.max_steps >= 1, "log_every": self.log_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 1, "sample_every": self.sample_every >= 0,
             "class_dropout": 0.0 <= self.class_dropout < 1.0, "lr": self.lr > 0,
-            "ema_decay": 0.0 <= self.ema_decay < 1.0, "warmup_steps": self.warmup_steps >= 0,
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
+            "ema_warmup": self.ema_warmup == 0 or self.ema_warmup > 1, "warmup_steps": self.warmup_steps >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             hint = {"lr_decay": "'none' or 'cosine'", "precision": "'auto', 'bf16' or 'fp32'",
                     "sample_method": f"none or one of {samplers.METHODS}", "class_dropout": "in [0, 1)",
-                    "ema_decay": "in [0, 1)", "warmup_steps": ">= 0", "sample_every": ">= 0 (0 = never)"}
+                    "ema_decay": "in [0, 1)",
+                    "ema_warmup": "0 (none) or > 1", "warmup_steps": ">= 0", "sample_every": ">= 0 (0 = never)"}
             raise ValueError("bad train config: " + "; ".join(
                 f"{k}={getattr(self, k)!r} (expected {hint.get(k, 'a positive value')})" for k in bad))
 
@@ -565,7 +568,7 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
     # channels_last: the layout the UNet is tuned for (conv kernels, its GroupNorm, copy-free attention)
     raw_model = build_model(cfg).to(device, memory_format=torch.channels_last)
     ema = EMA(raw_model, decay=tc.ema_decay, update_after_step=tc.ema_update_after_step,
-              update_every=tc.ema_update_every)
+              update_every=tc.ema_update_every, warmup=tc.ema_warmup)
     optimizer = make_optimizer(raw_model, tc, device)
     stream = BatchStream(dataset, per_rank, seed=tc.seed, rank=d.rank, world_size=d.world_size, device=device)
     step = 0
@@ -574,6 +577,7 @@ def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d
         ema.load_state_dict(state["ema"])
         # the EMA settings of this run win over the checkpoint's (a change was reported above)
         ema.decay, ema.update_after_step, ema.update_every = tc.ema_decay, tc.ema_update_after_step, tc.ema_update_every
+        ema.warmup = tc.ema_warmup
         # The checkpoint may come from another device type: its fused/foreach flags must be this device's
         # *before* loading, because load_state_dict places the `step` counters by them (a CPU-made state
         # loaded as is on CUDA leaves them on the CPU and fused AdamW then fails on a device mismatch).

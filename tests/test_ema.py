@@ -63,6 +63,40 @@ def test_warmup_decay_schedule():
     assert torch.allclose(ema.shadow["w"], torch.full((3,), expected_average(range(20), decays, 0.0)))
 
 
+def test_warmup_w_sets_the_schedule_and_how_far_back_the_average_looks():
+    model = Toy()
+    ema = EMA(model, decay=0.5, warmup=4)
+    decays = []
+    for i in range(6):
+        decays.append(ema.current_decay())
+        model.set(float(i))
+        ema.update()
+    assert decays == pytest.approx([1 / 4, 2 / 5, 3 / 6, 0.5, 0.5, 0.5])  # min(decay, (1 + n) / (4 + n))
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), expected_average(range(6), decays, 0.0)))
+
+    # before the cap, the average weights step k by k^(w - 2): with live weight k at step k, the shadow
+    # is the mean step, (w - 1)/w of the way through the run
+    n = 3000
+    for w in (4, 10):
+        model = Toy()
+        ema = EMA(model, decay=0.999999, warmup=w)
+        for k in range(1, n + 1):
+            model.set(float(k))
+            ema.update()
+        assert ema.shadow["w"][0].item() / n == pytest.approx((w - 1) / w, abs=0.005), w
+
+
+def test_warmup_checkpoints_from_before_the_knob():
+    ema = EMA(Toy())
+    state = ema.state_dict()
+    assert state["warmup"] == 10.0
+    for old, value in ((True, 10.0), (False, 0.0)):  # what checkpoints saved before warmup took a number
+        state["warmup"] = old
+        ema.load_state_dict(state)
+        assert ema.warmup == value
+    assert ema.current_decay() == ema.decay  # none
+
+
 def test_update_after_step_and_every():
     model = Toy()
     ema = EMA(model, decay=0.5, update_after_step=3, update_every=2, warmup=False)
@@ -180,3 +214,6 @@ def test_bad_arguments():
         EMA(Toy(), decay=1.0)
     with pytest.raises(ValueError, match="update_every"):
         EMA(Toy(), update_every=0)
+    for w in (1, 0.5, -2):  # w = 1 would never move the shadow: (1 + n) / (1 + n) = 1
+        with pytest.raises(ValueError, match=f"warmup={w} must be 0"):
+            EMA(Toy(), warmup=w)

@@ -81,6 +81,7 @@ def test_overrides_parse_by_field_type():
     (["--lr", "fast"], "--train.lr 'fast': expected float"),
     (["--lr"], "--lr needs a value"),
     (["--precision", "fp16"], "precision='fp16'"),
+    (["--ema_warmup", "1"], r"ema_warmup=1.0 \(expected 0 \(none\) or > 1\)"),
     (["--model.image_size", "16"], "model.image_size=16 but data.image_size=32"),
     (["--timesteps", "10", "--sample_steps", "20"], "sample_steps=20 exceeds diffusion.timesteps=10"),
     (["--min_snr_gamma", "5", "--loss_type", "huber"], "defined for loss_type='mse' only"),

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ def test_train_throughput_quick(monkeypatch):
     assert abs(sum(r["time_shares"].values()) - 1) < 1e-6 and r["time_shares"]["convolution"] > 0
     assert r["utilisation_if_only_conv_matmul"] >= r["utilisation"]
     assert "time by op kind" in proc.stdout
+    assert "Python + autograd engine" in r["time_shares"]  # the CPU path: ops timed where they dispatch
     # every conv of the model's forward, each run once, found inside the fused norm-conv nodes too
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from train_throughput import QUICK_OVERRIDES
@@ -56,6 +58,22 @@ def test_train_throughput_quick(monkeypatch):
                and all(ms > 0 for ms in x["pass_ms"].values()) for x in shapes)
     assert all(abs(x["pass_gflop"] * 3 - x["total_gflop"] / x["count"]) < 1e-9 for x in shapes)
     assert "by pass, all convs: forward" in proc.stdout
+
+
+def test_profile_step_times_ops_and_the_python_between_them(monkeypatch):
+    """On a CPU, time spent outside ATen ops (here a sleep) is its own kind, not spread over the ops."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import profile_step
+    conv, x = torch.nn.Conv2d(8, 8, 3, padding=1), torch.randn(4, 8, 32, 32)
+
+    def step():
+        conv(x).square().mean().backward()
+        time.sleep(0.2)
+
+    shares = profile_step(step, torch.device("cpu"))
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    assert shares["Python + autograd engine"] > 0.5 and 0 < shares["convolution"] < 0.5
+    assert shares["elementwise + other"] > 0  # square, mean and their backward
 
 
 def test_samplers_quick():

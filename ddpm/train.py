@@ -237,8 +237,11 @@ def _folder32() -> RunConfig:
     # Attention kept: without it 25% more steps in the hour, DDIM-20 95.8 vs 90.0, KID 43.9 vs 34.2 (x1e-3).
     # 32 channels, not 48: 48 (8.7M params) got 1,750 steps in the hour and scored DDIM-20 96.3 vs 90.0.
     # Two blocks per level kept: one (2.7M params) got 4,250 steps in the hour and scored 88.9 vs 90.0, KID equal.
+    # Offset-cosine, not cosine (3,000 steps each): DDIM-20 90.8 vs 90.0 (a tie), DPM-Solver++ SDE-20 83.7 vs 99.2,
+    # KID 27.1 vs 39.3 (x1e-3); linear scored 96.8 and 108.0.
     return RunConfig(model=unet_preset(32, "attention"), data=DataConfig(source="folder", image_size=32),
-                     diffusion=DiffusionConfig(prediction_type="v_prediction", min_snr_gamma=5.0),
+                     diffusion=DiffusionConfig(schedule="offset_cosine", prediction_type="v_prediction",
+                                               min_snr_gamma=5.0),
                      train=TrainConfig(batch_size=64, lr=8e-4, max_steps=20_000, sample_every=1000,
                                        checkpoint_every=1000, ema_decay=0.999))
 

@@ -27,7 +27,8 @@ def generate(model, schedule, config, *, n: int, method: str | None = None, step
     """n images in [-1, 1] (float32, CPU) from a model returned by ddpm.train.load_model.
 
     method:      a ddpm.samplers.METHODS entry; None: the model's own (ddpm.samplers.default_sampler: DDIM for
-                 v-prediction, SDE-DPM-Solver++ otherwise, at 20 steps unless `steps` says otherwise).
+                 v-prediction on the cosine or linear schedule, SDE-DPM-Solver++ otherwise, at 20 steps
+                 unless `steps` says otherwise).
     spacing:     which training timesteps the steps visit (ddpm.samplers.set_timesteps); None: the method's own.
     class_label: for a conditional model, the class of every image (None: classes 0, 1, 2, ... in turn).
     batch_size:  images per sampler call (default all n); the chunks draw from one generator in turn,
@@ -37,7 +38,7 @@ def generate(model, schedule, config, *, n: int, method: str | None = None, step
     if n < 1:
         raise ValueError(f"n={n} must be at least 1")
     if method is None:
-        method, default_steps = samplers.default_sampler(config.diffusion.prediction_type)
+        method, default_steps = samplers.default_sampler(config.diffusion.prediction_type, config.diffusion.schedule)
         steps = default_steps if steps is None else steps
     num_classes = config.model.num_classes
     if class_label is not None and num_classes is None:

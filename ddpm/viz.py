@@ -517,7 +517,7 @@ class GeneratePanel:
     load:        ddpm.train.load_model (path -> (model, schedule, config)); models are loaded once.
     generate:    ddpm.sample.generate (model, schedule, config, n=..., method=..., ...) -> images.
     methods:     the samplers offered; each checkpoint starts on its own default sampler and steps
-                 (ddpm.samplers.default_sampler: DDIM-20 for a v-prediction model), unless steps is given.
+                 (ddpm.samplers.default_sampler), unless steps is given.
     panel.figure(...) generates without widgets and returns the grid figure (the static fallback).
     """
 
@@ -559,7 +559,8 @@ class GeneratePanel:
     def default_sampler(self, name: str) -> tuple[str, int]:
         """(method, steps) the panel starts on for checkpoint `name`: the model's own default sampler,
         at self.steps if set."""
-        method, steps = default_sampler(self.model(name)[2].diffusion.prediction_type)
+        d = self.model(name)[2].diffusion
+        method, steps = default_sampler(d.prediction_type, d.schedule)
         return method, self.steps or steps
 
     @property

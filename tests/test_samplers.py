@@ -7,7 +7,7 @@ from torch import nn
 from ddpm.oracle import GaussianDenoiser, gaussian_errors
 from ddpm.diffusion import PREDICTION_TYPES
 from ddpm.samplers import METHODS, default_sampler, sample, set_timesteps
-from ddpm.schedules import make_schedule
+from ddpm.schedules import SCHEDULES, make_schedule
 
 SHAPE = (1, 4, 4)
 MEAN = torch.linspace(-0.5, 0.5, 16).reshape(SHAPE)
@@ -202,9 +202,15 @@ def test_spacings_give_distinct_descending_training_timesteps(spacing, steps):
         assert ts[0] == 999
 
 
-def test_default_sampler_by_prediction_type():
-    # eps needs the stochastic solver (deterministic paths keep its high-noise x0 error); v samples best with DDIM
-    assert default_sampler("epsilon") == ("dpmpp_2m_sde", 20) and default_sampler("v_prediction") == ("ddim", 20)
-    assert all(default_sampler(p)[0] in METHODS for p in PREDICTION_TYPES)
+def test_default_sampler_by_prediction_type_and_schedule():
+    # eps needs the stochastic solver (deterministic paths keep its high-noise x0 error) on every schedule;
+    # v samples best with DDIM on cosine and linear, with the SDE solver on offset-cosine
+    for schedule in SCHEDULES:
+        assert default_sampler("epsilon", schedule) == ("dpmpp_2m_sde", 20), schedule
+        assert all(default_sampler(p, schedule)[0] in METHODS for p in PREDICTION_TYPES)
+    assert default_sampler("v_prediction", "cosine") == default_sampler("v_prediction", "linear") == ("ddim", 20)
+    assert default_sampler("v_prediction", "offset_cosine") == ("dpmpp_2m_sde", 20)
     with pytest.raises(ValueError, match="prediction_type"):
-        default_sampler("score")
+        default_sampler("score", "cosine")
+    with pytest.raises(ValueError, match="schedule 'sigmoid'"):
+        default_sampler("v_prediction", "sigmoid")

@@ -258,12 +258,17 @@ def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
     from ddpm.sample import generate
 
     model, schedule, config = T.load_model(quick_run[0].run_dir)
-    for prediction_type, explicit in (("epsilon", "dpmpp_2m_sde"), ("v_prediction", "ddim")):
-        cfg = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion,
+    # the config's schedule name picks the sampler, not the schedule passed in (the checkpoint's own)
+    for prediction_type, schedule_name, explicit in (("epsilon", "cosine", "dpmpp_2m_sde"),
+                                                     ("v_prediction", "cosine", "ddim"),
+                                                     ("v_prediction", "offset_cosine", "dpmpp_2m_sde")):
+        cfg = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, schedule=schedule_name,
                                                                          prediction_type=prediction_type))
         default = generate(model, schedule, cfg, n=2, seed=3, progress=False)
         assert torch.equal(default, generate(model, schedule, cfg, n=2, method=explicit, steps=20, seed=3,
-                                             progress=False)), prediction_type
+                                             progress=False)), (prediction_type, schedule_name)
+    cfg = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, schedule="cosine",
+                                                                     prediction_type="v_prediction"))
     # steps without a method keep the model's method; a named method keeps its own default steps
     assert torch.equal(generate(model, schedule, cfg, n=2, steps=4, seed=3, progress=False),
                        generate(model, schedule, cfg, n=2, method="ddim", steps=4, seed=3, progress=False))

@@ -196,6 +196,7 @@ def test_generate_panel_figure_calls_load_once(tmp_path):
 
         class diffusion:
             prediction_type = "v_prediction"
+            schedule = "linear"
 
     def load(path):
         loads.append(path)
@@ -216,20 +217,22 @@ def test_generate_panel_figure_calls_load_once(tmp_path):
 
 
 def test_generate_panel_starts_each_checkpoint_on_its_default_sampler():
-    def config(prediction_type):
+    def config(prediction_type, schedule):
         class Cfg:
             class model:
                 num_classes = None
 
             class diffusion:
                 pass
-        Cfg.diffusion.prediction_type = prediction_type
+        Cfg.diffusion.prediction_type, Cfg.diffusion.schedule = prediction_type, schedule
         return Cfg
 
-    configs = {"v": config("v_prediction"), "eps": config("epsilon")}
-    panel = viz.GeneratePanel({"v": "v", "eps": "eps"}, load=lambda p: ("model", None, configs[p]),
+    configs = {"v": config("v_prediction", "cosine"), "eps": config("epsilon", "cosine"),
+               "v-offset": config("v_prediction", "offset_cosine")}
+    panel = viz.GeneratePanel({name: name for name in configs}, load=lambda p: ("model", None, configs[p]),
                               generate=None)
     assert panel.default_sampler("v") == ("ddim", 20) and panel.default_sampler("eps") == ("dpmpp_2m_sde", 20)
+    assert panel.default_sampler("v-offset") == ("dpmpp_2m_sde", 20)
     pytest.importorskip("ipywidgets")
     box = panel.widget
     pick, method = box.children[0].children

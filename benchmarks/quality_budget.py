@@ -13,9 +13,9 @@ The budget counts process CPU time (time.process_time: every thread of this proc
 so it means the same on a busy or an idle machine. Training runs in chunks of --chunk steps (each chunk
 resumes the last exactly) and stops at the first chunk boundary past the budget. Then, for each --samplers
 entry (method:steps or method:steps:spacing; default: DPM-Solver++ SDE at 20 steps, the preset's own
-sampler (ddpm.samplers.default_sampler), then DDIM at 20, DPM-Solver++ ODE at 20 and DDIM at 50), a sample grid (PNG) and FID/KID of --num-images images
-against the real ones, all from the same start noise (--seed): the check that the fast samplers lose little
-on a trained model (add ddpm:1000 as the reference).
+sampler (ddpm.samplers.default_sampler), then DDIM at 20, DPM-Solver++ ODE at 20 and DDIM at 50), a sample
+grid (PNG) and FID/KID of --num-images images against the real ones, all from the same start noise
+(--seed): the check that the fast samplers lose little on a trained model (add ddpm:1000 as the reference).
 Prints a table and one JSON line; writes everything under --out.
 """
 

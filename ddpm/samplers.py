@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import check_prediction_type, predict_epsilon, predict_x0
-from .schedules import SCHEDULES, NoiseSchedule
+from .schedules import NoiseSchedule, check_schedule_name
 
 METHODS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 SPACINGS = ("trailing", "leading", "linspace", "logsnr")
@@ -48,8 +48,7 @@ def default_sampler(prediction_type: str, schedule: str) -> tuple[str, int]:
     """(method, steps) to sample a model trained with `prediction_type` on the `schedule` named (a
     ddpm.schedules.SCHEDULES entry) when the user names no method."""
     check_prediction_type(prediction_type)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    check_schedule_name(schedule)
     if prediction_type == "v_prediction" and schedule != "offset_cosine":
         return _DDIM
     return _SDE

@@ -139,6 +139,11 @@ class NoiseSchedule:
         return self.gather(self.snr_table, timesteps, ones).reshape(timesteps.shape)
 
 
+def check_schedule_name(name: str) -> None:
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+
+
 def make_schedule(name: str, timesteps: int = 1000, **params) -> NoiseSchedule:
     """Build a named schedule with T = `timesteps` steps.
 
@@ -147,8 +152,7 @@ def make_schedule(name: str, timesteps: int = 1000, **params) -> NoiseSchedule:
     "offset_cosine": signal rate cos(theta), theta linear from arccos(max_signal_rate=0.95)
                      to arccos(min_signal_rate=0.02) (Keras DDIM)
     """
-    if name not in _DEFAULTS:
-        raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    check_schedule_name(name)
     if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
         raise ValueError(f"timesteps must be a positive integer (300, 600, 1000 are common), got {timesteps!r}")
     unknown = set(params) - set(_DEFAULTS[name])

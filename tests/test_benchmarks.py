@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from ddpm.unet import UNet, unet_preset
@@ -128,3 +129,37 @@ def test_quality_budget_quick_then_rescore(flowers_root, tmp_path):
     assert (tmp_path / "live" / "samples_ddim_20_trailing_seed0_live.png").is_file()
     # the EMA and the live weights differ after training, so do their samples' scores
     assert rescored["results"][0]["fid"] != result["results"][0]["fid"]
+
+
+def test_alternatives_quick():
+    """Every rejected alternative computes what the model's way does (else its timing means nothing)."""
+    proc, result = run_benchmark("alternatives.py", "--quick")
+    assert result["benchmark"] == "alternatives" and result["quick"]
+    rows = result["results"]
+    models = [r for r in rows if r["variant"].endswith("(the model)")]
+    others = [r for r in rows if not r["variant"].endswith("(the model)")]
+    # one model row per shape (two skip convs, three norm widths each), then at least one alternative
+    count = {name: sum(r["comparison"] == name for r in models) for name in {r["comparison"] for r in rows}}
+    assert count == {"weight_grad": 1, "skip_linear": 2, "norm_affine": 1, "norm_chunks": 3, "compiled_norm": 3}
+    assert all(rows[i + 1] in others for i, r in enumerate(rows) if r in models)
+    assert all(r["rel_error"] is None and r["speed_vs_model"] is None for r in models)
+    assert all(0 <= r["rel_error"] < 0.03 and r["speed_vs_model"] > 0 and r["ms"] > 0 for r in others)
+    assert all(r["gflops"] > 0 for r in rows if r["comparison"] in ("weight_grad", "skip_linear"))
+    assert all(r["compile_s"] > 0 for r in others if r["comparison"] == "compiled_norm")
+    assert "nine shifted matmuls" in proc.stdout and "vs model" in proc.stdout
+
+
+def test_alternatives_rejects_an_unknown_comparison():
+    proc = start_benchmark("alternatives.py", "--only", "weight_grad,fused_everything")
+    assert proc.returncode == 2 and "fused_everything" in proc.stderr and "weight_grad" in proc.stderr
+
+
+def test_alternatives_refuse_to_time_a_variant_that_computes_something_else(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from alternatives import compare
+    x = torch.randn(64)
+    timing = {"steps": 1, "warmup": 0}
+    rows = compare("demo", x.shape, {"x * 2": lambda: x * 2, "x + x": lambda: x + x}, torch.device("cpu"), timing)
+    assert rows[0]["variant"] == "x * 2 (the model)" and rows[1]["rel_error"] == 0
+    with pytest.raises(AssertionError, match="'x \\* 2.1' differs from the model's result"):
+        compare("demo", x.shape, {"x * 2": lambda: x * 2, "x * 2.1": lambda: x * 2.1}, torch.device("cpu"), timing)

@@ -21,6 +21,9 @@ tensors (bf16, channels_last, the 64 px preset's shapes at batch 32 unless told 
   compiled_norm  GroupNorm + scale-shift + SiLU forward (64/128/192 channels, 64 px): the model's eager node
                  against the same maths in fp32 as one torch.compile'd function, Inductor's fusion; with the
                  compile time
+  save_silu      the ResBlock's norm -> SiLU -> conv node, forward + backward (64 channels, 64 px): the model's,
+                 which saves only the norm's output and recomputes the conv's input silu(y) in the backward,
+                 against one that also saves silu(y); with the activation memory each node saves
 
 Prints a table, then the results as one line of JSON (the last line).
 """
@@ -37,10 +40,10 @@ from torch import nn
 
 import common  # noqa: F401  (importing it puts the repo on sys.path)
 from ddpm.device import get_device, keep_freed_memory
-from ddpm.unet import _gn_forward, group_norm
+from ddpm.unet import _gn_backward, _gn_forward, _GroupNormActConv, group_norm
 from train_throughput import conv_gflop, time_it
 
-COMPARISONS = ("weight_grad", "skip_linear", "norm_affine", "norm_chunks", "compiled_norm")
+COMPARISONS = ("weight_grad", "skip_linear", "norm_affine", "norm_chunks", "compiled_norm", "save_silu")
 DTYPE = torch.bfloat16
 MODEL = " (the model)"  # the variant the others are compared with ends with this
 TOLERANCE = 0.03  # relative error between variants allowed by bf16 rounding (8 bits of mantissa)
@@ -88,7 +91,7 @@ def compare(comparison: str, shape: tuple, variants: dict, device: torch.device,
         rows.append({"comparison": comparison, "variant": name + (MODEL if err is None else ""), "shape": list(shape),
                      "ms": seconds * 1e3, "gflops": gflop / seconds if gflop else None,
                      "speed_vs_model": None if err is None else rows[0]["ms"] / (seconds * 1e3), "rel_error": err,
-                     **({"compile_s": fn.compile_s} if hasattr(fn, "compile_s") else {})})
+                     **getattr(fn, "extra", {})})  # what else a variant reports: compile time, memory
     return rows
 
 
@@ -205,7 +208,7 @@ def compiled_norm(device, b, c, s, timing) -> list[dict]:
         with torch.no_grad():
             t0 = time.perf_counter()
             fused()  # the first call compiles
-            fused.compile_s = time.perf_counter() - t0
+            fused.extra = {"compile_s": time.perf_counter() - t0}
             variants = {f"{channels} ch eager node": lambda: group_norm(x, norm, scale=scale, shift=shift, act=True),
                         f"{channels} ch torch.compile": fused}
             rows += compare("compiled_norm", x.shape, variants, device, timing)
@@ -242,6 +245,72 @@ def norm_chunks(device, b, c, s, timing) -> list[dict]:
     return rows
 
 
+class _SavesConvInput(_GroupNormActConv):
+    """The model's norm -> SiLU -> conv node, but saving the conv's input silu(y) for the weight gradient
+    instead of recomputing it: one SiLU less per backward, one more activation kept until then."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, groups, eps, conv_weight, conv_bias, stride, padding,
+                dilation, conv_groups):
+        xhat, rstd, w4, b4 = _gn_forward(x, weight, bias, scale, shift, groups, eps)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cw, cb = conv_weight.to(dtype), conv_bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.silu(torch.addcmul(b4, xhat, w4)).to(dtype)
+            out = F.conv2d(h, cw, cb, stride, padding, dilation, conv_groups)
+        ctx.save_for_backward(xhat, rstd, w4, b4, weight, bias, scale, cw, h)
+        ctx.groups, ctx.conv_args, ctx.dtypes = groups, (stride, padding, dilation, conv_groups), (conv_weight.dtype,
+                                                                                                    conv_bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xhat, rstd, w4, b4, weight, bias, scale, cw, h = ctx.saved_tensors
+        stride, padding, dilation, conv_groups = ctx.conv_args
+        grad_h, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
+            grad_out.to(cw.dtype), h, cw, [cw.shape[0]], stride, padding, dilation, False, [0, 0], conv_groups,
+            [True, True, True])
+        y = torch.addcmul(b4, xhat, w4)
+        gy = torch.ops.aten.silu_backward.grad_input(grad_h.to(xhat.dtype), y, grad_input=y)
+        grads = _gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups)
+        return (*grads, None, None, grad_cw.to(ctx.dtypes[0]), grad_cb.to(ctx.dtypes[1]), None, None, None, None)
+
+
+def saved_mb(fn) -> float:
+    """MiB of the distinct tensors autograd keeps for the backward of fn's graph (pack hooks see each save)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
+def save_silu(device, b, c, s, timing) -> list[dict]:
+    """The ResBlock's second norm node (norm2 -> scale-shift -> SiLU -> conv2), forward + backward in bf16."""
+    x, norm, scale, shift = _norm_inputs(device, b, c, s)
+    x.requires_grad_()
+    conv = nn.Conv2d(c, c, 3, padding=1).to(device, memory_format=torch.channels_last)
+    g = bf16_cl(b, c, s, s, device=device)
+    params = (x, norm.weight, norm.bias, conv.weight, conv.bias)
+
+    def forward(saves_input: bool):
+        with torch.autocast(device.type, dtype=DTYPE):
+            if not saves_input:
+                return group_norm(x, norm, scale=scale, shift=shift, act=True, conv=conv)
+            return _SavesConvInput.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps,
+                                         conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    variants = {}
+    for name, saves in (("recomputes silu(y)", False), ("saves silu(y)", True)):
+        variants[name] = (lambda saves=saves: torch.autograd.grad(forward(saves), params, g))
+        variants[name].extra = {"saved_mb": saved_mb(lambda saves=saves: forward(saves))}
+    return compare("save_silu", x.shape, variants, device, timing)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -254,6 +323,7 @@ def print_table(rows: list[dict]) -> None:
         vs = f"{r['speed_vs_model']:.2f}x" if r["speed_vs_model"] else ""
         err = f"{r['rel_error']:.1e}" if r["rel_error"] is not None else ""
         extra = f"  (compile {r['compile_s']:.1f} s)" if "compile_s" in r else ""
+        extra += f"  (saves {r['saved_mb']:.1f} MiB for the backward)" if "saved_mb" in r else ""
         shape = "x".join(map(str, r["shape"]))
         print(f"{r['comparison']:<14} {r['variant']:<48} {shape:<16} {r['ms']:>8.2f} {gf:>8} {vs:>9} {err:>10}{extra}")
 

@@ -140,7 +140,9 @@ def test_alternatives_quick():
     others = [r for r in rows if not r["variant"].endswith("(the model)")]
     # one model row per shape (two skip convs, three norm widths each), then at least one alternative
     count = {name: sum(r["comparison"] == name for r in models) for name in {r["comparison"] for r in rows}}
-    assert count == {"weight_grad": 1, "skip_linear": 2, "norm_affine": 1, "norm_chunks": 3, "compiled_norm": 3}
+    assert count == {"weight_grad": 1, "skip_linear": 2, "norm_affine": 1, "norm_chunks": 3, "compiled_norm": 3,
+                     "save_silu": 1}
+    assert all(r["saved_mb"] > 0 for r in rows if r["comparison"] == "save_silu")
     assert all(rows[i + 1] in others for i, r in enumerate(rows) if r in models)
     assert all(r["rel_error"] is None and r["speed_vs_model"] is None for r in models)
     assert all(0 <= r["rel_error"] < 0.03 and r["speed_vs_model"] > 0 and r["ms"] > 0 for r in others)

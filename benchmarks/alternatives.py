@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common  # noqa: F401  (importing it puts the repo on sys.path)
-from ddpm.device import get_device, keep_freed_memory
+from ddpm.device import get_device, keep_freed_memory, saved_tensor_bytes
 from ddpm.unet import _gn_backward, _gn_forward, _GroupNormActConv, group_norm
 from train_throughput import conv_gflop, time_it
 
@@ -276,19 +276,6 @@ class _SavesConvInput(_GroupNormActConv):
         return (*grads, None, None, grad_cw.to(ctx.dtypes[0]), grad_cb.to(ctx.dtypes[1]), None, None, None, None)
 
 
-def saved_mb(fn) -> float:
-    """MiB of the distinct tensors autograd keeps for the backward of fn's graph (pack hooks see each save)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()) / 2**20
-
-
 def save_silu(device, b, c, s, timing) -> list[dict]:
     """The ResBlock's second norm node (norm2 -> scale-shift -> SiLU -> conv2), forward + backward in bf16."""
     x, norm, scale, shift = _norm_inputs(device, b, c, s)
@@ -307,7 +294,7 @@ def save_silu(device, b, c, s, timing) -> list[dict]:
     variants = {}
     for name, saves in (("recomputes silu(y)", False), ("saves silu(y)", True)):
         variants[name] = (lambda saves=saves: torch.autograd.grad(forward(saves), params, g))
-        variants[name].extra = {"saved_mb": saved_mb(lambda saves=saves: forward(saves))}
+        variants[name].extra = {"saved_mb": saved_tensor_bytes(lambda saves=saves: forward(saves)) / 2**20}
     return compare("save_silu", x.shape, variants, device, timing)
 
 

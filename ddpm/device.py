@@ -1,4 +1,4 @@
-"""Device choice, mixed precision and seeding: the few lines every other module needs."""
+"""Device choice, mixed precision, seeding and memory: the few lines every other module needs."""
 
 from __future__ import annotations
 
@@ -121,3 +121,17 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return False
+
+
+def saved_tensor_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of what fn() computes: the activation
+    memory a training step holds between forward and backward (each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())

@@ -84,3 +84,15 @@ def test_native_bf16_is_detected_where_the_cpu_has_it():
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     assert dev.cpu_has_native_bf16() == native
     assert dev.autocast_dtype("cpu") == (torch.bfloat16 if native else None)
+
+
+def test_saved_tensor_bytes_counts_what_autograd_keeps_once_per_storage():
+    from ddpm.device import saved_tensor_bytes
+    x = torch.randn(64, 32, requires_grad=True)
+    y = torch.randn(64, 32, requires_grad=True)
+    assert saved_tensor_bytes(lambda: x * 2) == 0                     # a scalar multiply keeps nothing
+    assert saved_tensor_bytes(lambda: x.exp()) == x.nbytes            # exp keeps its output
+    assert saved_tensor_bytes(lambda: x * y) == x.nbytes + y.nbytes   # a product keeps both factors
+    assert saved_tensor_bytes(lambda: x * x) == x.nbytes              # the same storage, counted once
+    with torch.no_grad():
+        assert saved_tensor_bytes(lambda: x * y) == 0                 # no graph, nothing kept

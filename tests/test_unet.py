@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ddpm.device import saved_tensor_bytes
 from ddpm.unet import Attention, UNet, UNetConfig, group_norm, timestep_embedding, unet_preset
 import ddpm.unet as unet_module
 
@@ -135,18 +136,6 @@ def test_group_norm_conv_gradcheck():
     assert torch.autograd.gradcheck(fused, (x, norm.weight, norm.bias, scale, shift, conv.weight, conv.bias))
 
 
-def _saved_bytes(fn):
-    """Bytes of the distinct tensors autograd saves for backward while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_group_norm_conv_saves_one_activation_and_autocasts_like_conv2d():
     torch.manual_seed(0)
     norm, conv = torch.nn.GroupNorm(8, 32), torch.nn.Conv2d(32, 32, 3, padding=1)
@@ -154,8 +143,8 @@ def test_group_norm_conv_saves_one_activation_and_autocasts_like_conv2d():
     one = x.numel() * 2  # one bf16 activation of x's size
     with torch.autocast("cpu", dtype=torch.bfloat16):
         xb = x.bfloat16()
-        unfused = _saved_bytes(lambda: conv(group_norm(xb, norm, act=True)))
-        fused = _saved_bytes(lambda: group_norm(xb, norm, act=True, conv=conv))
+        unfused = saved_tensor_bytes(lambda: conv(group_norm(xb, norm, act=True)))
+        fused = saved_tensor_bytes(lambda: group_norm(xb, norm, act=True, conv=conv))
         out = group_norm(xb, norm, act=True, conv=conv)
         ref = conv(group_norm(xb, norm, act=True))
     assert one * 2 <= unfused < one * 2.5 and one <= fused < one * 1.5, (unfused, fused, one)

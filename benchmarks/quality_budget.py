@@ -1,9 +1,11 @@
-"""How good does an hour on a laptop get? Train a 32 px preset for a fixed budget of process CPU time
-on the shared flowers, sample from the EMA weights, and report FID and KID on real Inception weights.
+"""How good does an hour on a laptop get? Train a preset (the 32 px folder32 by default) for a fixed budget of
+process CPU time on the shared flowers, sample from the EMA weights, and report FID and KID on real Inception
+weights.
 
     python benchmarks/quality_budget.py                       # one CPU-hour (~30 min on 2 cores)
     python benchmarks/quality_budget.py --cpu-minutes 10 --num-images 500 --samplers dpmpp_2m:20,ddim:50,ddpm:1000
     python benchmarks/quality_budget.py --quick               # a smoke run of the script itself
+    python benchmarks/quality_budget.py --preset flowers64 --samplers dpmpp_2m_sde:20 train.max_steps=250
     python benchmarks/quality_budget.py --checkpoint benchmarks/results/quality_budget --seed 1 \
         --samplers dpmpp_2m_sde:20,dpmpp_2m:20:trailing        # score a trained run again, no training
     python benchmarks/quality_budget.py --checkpoint benchmarks/results/quality_budget --weights live \
@@ -36,7 +38,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.metrics import FIDEvaluator
 from ddpm.sample import generate
 from ddpm.samplers import DEFAULT_SPACING, METHODS, SPACINGS
-from ddpm.train import apply_overrides, load_model, model_from_state, preset, save_sample_grid, train
+from ddpm.train import PRESETS, apply_overrides, load_model, model_from_state, preset, save_sample_grid, train
 
 
 
@@ -66,6 +68,9 @@ def parse_sampler(spec: str) -> tuple[str, int, str | None]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="folder32", choices=sorted(set(PRESETS) - {"quick"}),
+                   help="the preset to train (folder32: 32 px; flowers64 and flowers128: a CPU-hour buys a few "
+                        "hundred steps of them)")
     p.add_argument("--cpu-minutes", type=float, default=60.0, help="training budget in process CPU minutes")
     p.add_argument("--data-root", default=default_data_root())
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality_budget"))
@@ -91,7 +96,7 @@ def main() -> None:
     overrides = {"data.source": "flowers102", "data.root": args.data_root, "train.device": args.device,
                  "train.sample_every": 0, "train.checkpoint_every": args.chunk, "train.keep_last": 1}
     overrides.update(dict(kv.split("=", 1) for kv in args.overrides))
-    config = apply_overrides(preset("folder32"), overrides)
+    config = apply_overrides(preset(args.preset), overrides)
     if args.quick:
         config = apply_overrides(config, {"model.base_channels": 32, "model.num_res_blocks": 1,
                                           "train.batch_size": 8})
@@ -109,7 +114,7 @@ def main() -> None:
         if out.exists() and any(out.glob("*.pt")):
             raise SystemExit(f"{out} already holds a run; pass another --out, delete it, "
                              "or score it with --checkpoint")
-        print(f"training folder32 on {args.data_root} for {args.cpu_minutes:g} CPU-minutes ({get_device(args.device)})")
+        print(f"training {args.preset} on {args.data_root} for {args.cpu_minutes:g} CPU-minutes ({get_device(args.device)})")
         steps, cpu_s, wall_s = train_for_budget(config, out, args.cpu_minutes * 60, args.chunk)
         model, schedule, cfg = load_model(out / "latest.pt", use_ema=args.weights == "ema", device=args.device)
 
@@ -143,7 +148,8 @@ def main() -> None:
     print(f"grids: {out}/samples_*.png")
     minutes = {"cpu_minutes": None, "wall_minutes": None} if cpu_s is None else \
         {"cpu_minutes": round(cpu_s / 60, 2), "wall_minutes": round(wall_s / 60, 2)}
-    print(json.dumps({"benchmark": "quality_budget", "checkpoint": args.checkpoint, **minutes, "steps": steps,
+    print(json.dumps({"benchmark": "quality_budget", "preset": None if args.checkpoint else args.preset,
+                      "checkpoint": args.checkpoint, **minutes, "steps": steps,
                       "batch_size": cfg.train.batch_size, "params": params, "num_generated": args.num_images,
                       "num_real": len(evaluator.real_features), "config": cfg.to_dict(), "results": rows}))
 

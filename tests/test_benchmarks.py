@@ -131,6 +131,19 @@ def test_quality_budget_quick_then_rescore(flowers_root, tmp_path):
     assert rescored["results"][0]["fid"] != result["results"][0]["fid"]
 
 
+def test_quality_budget_trains_the_preset_it_is_given(flowers_root, tmp_path):
+    proc, result = run_benchmark("quality_budget.py", "--quick", "--preset", "flowers64", "--data-root",
+                                 str(flowers_root), "--out", str(tmp_path / "f64"), "--samplers", "ddim:5",
+                                 "diffusion.prediction_type=v_prediction")
+    assert result["preset"] == "flowers64" and "training flowers64" in proc.stdout
+    cfg = result["config"]
+    assert cfg["model"]["image_size"] == cfg["data"]["image_size"] == 64 and cfg["data"]["source"] == "flowers102"
+    assert cfg["model"]["channel_mults"] == [1, 2, 2, 4] and cfg["diffusion"]["prediction_type"] == "v_prediction"
+    assert result["results"][0]["fid"] > 0
+    bad = start_benchmark("quality_budget.py", "--preset", "flowers32")
+    assert bad.returncode == 2 and "flowers64" in bad.stderr and "folder32" in bad.stderr
+
+
 def test_alternatives_quick():
     """Every rejected alternative computes what the model's way does (else its timing means nothing)."""
     proc, result = run_benchmark("alternatives.py", "--quick")

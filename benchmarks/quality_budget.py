@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.lr=1e-3")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # overrides may come before, between or after the options
     if args.quick:
         args.cpu_minutes, args.chunk, args.num_images = 0.2, 10, 32
         args.num_real = args.num_real or 64  # Inception on all real images would be most of the smoke run

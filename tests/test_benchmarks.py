@@ -132,13 +132,14 @@ def test_quality_budget_quick_then_rescore(flowers_root, tmp_path):
 
 
 def test_quality_budget_trains_the_preset_it_is_given(flowers_root, tmp_path):
-    proc, result = run_benchmark("quality_budget.py", "--quick", "--preset", "flowers64", "--data-root",
-                                 str(flowers_root), "--out", str(tmp_path / "f64"), "--samplers", "ddim:5",
-                                 "diffusion.prediction_type=v_prediction")
+    proc, result = run_benchmark("quality_budget.py", "--quick", "--preset", "flowers64", "train.seed=3",
+                                 "--data-root", str(flowers_root), "--out", str(tmp_path / "f64"), "--samplers",
+                                 "ddim:5", "diffusion.prediction_type=v_prediction")  # overrides before and after
     assert result["preset"] == "flowers64" and "training flowers64" in proc.stdout
     cfg = result["config"]
     assert cfg["model"]["image_size"] == cfg["data"]["image_size"] == 64 and cfg["data"]["source"] == "flowers102"
     assert cfg["model"]["channel_mults"] == [1, 2, 2, 4] and cfg["diffusion"]["prediction_type"] == "v_prediction"
+    assert cfg["train"]["seed"] == 3
     assert result["results"][0]["fid"] > 0
     bad = start_benchmark("quality_budget.py", "--preset", "flowers32")
     assert bad.returncode == 2 and "flowers64" in bad.stderr and "folder32" in bad.stderr

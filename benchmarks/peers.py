@@ -30,15 +30,14 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from importlib.metadata import version
 
 import torch
 from torch import nn
 
 import common  # noqa: F401  (importing it puts the repo on sys.path)
-from ddpm.device import get_device, keep_freed_memory, synchronize
-from train_throughput import autocast, conv_peak, forward_flops, peak_rss_mb, peak_shape, time_it
+from ddpm.device import get_device, keep_freed_memory
+from train_throughput import forward_flops, peak_rss_mb, peak_shape, time_training, training_step
 
 PEERS = {"lucidrains": "denoising-diffusion-pytorch", "diffusers": "diffusers"}  # name -> pip package
 
@@ -73,11 +72,6 @@ def build(peer: str, size: int) -> nn.Module:
 
 def run_config(args) -> dict:
     """One (peer, size, precision, layout) configuration: build, count, time. Runs in its own process."""
-    from ddpm.diffusion import training_loss
-    from ddpm.ema import EMA
-    from ddpm.schedules import make_schedule
-    from ddpm.train import optimizer_impl
-
     device = get_device(args.device)
     malloc_kept = keep_freed_memory() if args.malloc == "keep" else False
     torch.manual_seed(0)
@@ -89,28 +83,13 @@ def run_config(args) -> dict:
     model = model.to(device, memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
     flops = forward_flops(model, args.size, 3, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_impl(device))
-    ema = EMA(model, decay=0.999)  # ours, as in train_throughput: both peers' own trainers keep an EMA too
-    schedule = make_schedule("linear")
     x0 = (torch.rand(args.batch_size, 3, args.size, args.size, device=device) * 2 - 1).contiguous(memory_format=fmt)
-
-    def step():
-        with autocast(device, args.precision):
-            loss = training_loss(model, schedule, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update()
-
+    # our step around their network, with our EMA: both peers' own trainers keep an EMA too
+    step = training_step(model, x0, device, args.precision)
     channels_last = args.channels_last == "on"
-    # the peak right before and right after the steps, in this process: fair when other jobs come and go
-    peak = conv_peak(device, args.precision, channels_last=channels_last, quick=False)
-    t0 = time.perf_counter()
-    step()  # one-off allocator warm-up: reported apart, as train_throughput does
-    synchronize(device)
-    first_step_s = time.perf_counter() - t0
-    sec = time_it(step, device, steps=args.steps, warmup=max(args.warmup - 1, 0))
-    peak = max(peak, conv_peak(device, args.precision, channels_last=channels_last, quick=False))
+    timed = time_training(step, device, args.precision, channels_last=channels_last, quick=False, steps=args.steps,
+                          warmup=args.warmup)
+    sec, peak, first_step_s = timed["step_s"], timed["conv_peak_gflops"], timed["first_step_s"]
     achieved = 3 * flops * args.batch_size / sec / 1e9
     return {
         "peer": args.peer, "package": PEERS[args.peer], "version": version(PEERS[args.peer]),

@@ -159,6 +159,47 @@ def matmul_peak(device: torch.device, precision: str, *, quick: bool) -> float:
     return 2 * n**3 / time_it(matmul, device, steps=2 if quick else 8, warmup=1 if quick else 2) / 1e9
 
 
+def training_step(model: torch.nn.Module, x0: torch.Tensor, device: torch.device, precision: str, *,
+                  compile: bool = False):
+    """The step every throughput figure times, ours and the peers' (benchmarks/peers.py): ε-MSE loss on the
+    linear schedule under the precision's autocast, backward, fused AdamW (what training uses), EMA update.
+    Returns step(), a closure over its optimizer and EMA."""
+    from ddpm.diffusion import training_loss
+    from ddpm.ema import EMA
+    from ddpm.schedules import make_schedule
+    from ddpm.train import optimizer_impl
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_impl(device))
+    ema = EMA(model, decay=0.999)
+    schedule = make_schedule("linear")
+    train_model = torch.compile(model) if compile else model
+
+    def step():
+        with autocast(device, precision):
+            loss = training_loss(train_model, schedule, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update()
+
+    return step
+
+
+def time_training(step, device: torch.device, precision: str, *, channels_last: bool, quick: bool, steps: int,
+                  warmup: int) -> dict:
+    """step_s (the fastest of `steps` steps), first_step_s (reported apart: torch.compile's compilation and the
+    allocator's one-off warm-up) and conv_peak_gflops: the peak right before and right after the steps, in this
+    process, the faster of the two, so the ratio is fair even when other jobs come and go on the machine."""
+    peak = conv_peak(device, precision, channels_last=channels_last, quick=quick)
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    sec = time_it(step, device, steps=steps, warmup=max(warmup - 1, 0))
+    peak = max(peak, conv_peak(device, precision, channels_last=channels_last, quick=quick))
+    return {"step_s": sec, "first_step_s": first_step_s, "conv_peak_gflops": peak}
+
+
 # What the step's time goes to, by the ATen ops' names (self time: an op's own, without the ops it calls)
 OP_KINDS = (("convolution", ("conv",)),
             ("matmul + attention", ("mm", "linear", "matmul", "attention")),
@@ -260,10 +301,6 @@ def conv_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, device
 
 def run_config(args) -> dict:
     """One (size, precision) configuration: build, count, time. Runs in its own process."""
-    from ddpm.diffusion import training_loss
-    from ddpm.ema import EMA
-    from ddpm.train import optimizer_impl
-    from ddpm.schedules import make_schedule
     from ddpm.unet import UNet, unet_preset
 
     device = get_device(args.device)
@@ -278,34 +315,14 @@ def run_config(args) -> dict:
     model = model.to(memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
     flops = forward_flops(model, config.image_size, config.in_channels, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_impl(device))  # what training uses
-    ema = EMA(model, decay=0.999)
-    schedule = make_schedule("linear")
-    train_model = torch.compile(model) if args.compile else model
     x0 = (torch.rand(args.batch_size, config.in_channels, config.image_size, config.image_size, device=device) * 2 - 1)
     x0 = x0.contiguous(memory_format=fmt)
-
-    def step():
-        with autocast(device, args.precision):
-            loss = training_loss(train_model, schedule, x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update()
-
+    step = training_step(model, x0, device, args.precision, compile=args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    channels_last, quick = args.channels_last == "on", args.quick
-    # the peak right before and right after the steps, in this process: the ratio is fair even when
-    # other jobs come and go on the machine
-    peak = conv_peak(device, args.precision, channels_last=channels_last, quick=quick)
-    # the first step includes torch.compile's compilation (and one-off allocator warm-up): report it apart
-    t0 = time.perf_counter()
-    step()
-    synchronize(device)
-    first_step_s = time.perf_counter() - t0
-    sec = time_it(step, device, steps=args.steps, warmup=max(args.warmup - 1, 0))
-    peak = max(peak, conv_peak(device, args.precision, channels_last=channels_last, quick=quick))
+    timed = time_training(step, device, args.precision, channels_last=args.channels_last == "on", quick=args.quick,
+                          steps=args.steps, warmup=args.warmup)
+    sec, peak, first_step_s = timed["step_s"], timed["conv_peak_gflops"], timed["first_step_s"]
     result = {
         "image_size": args.size, "variant": args.variant, "precision": args.precision, "batch_size": args.batch_size,
         "params": n_params, "fwd_gflops_per_image": flops / 1e9, "step_ms": sec * 1e3,
@@ -321,7 +338,7 @@ def run_config(args) -> dict:
         result["utilisation_if_only_conv_matmul"] = result["utilisation"] / (
             shares.get("convolution", 0.0) + shares.get("matmul + attention", 0.0))
     if args.conv_shapes:
-        t = torch.randint(0, schedule.timesteps, (args.batch_size,), device=device)
+        t = torch.randint(0, 1000, (args.batch_size,), device=device)  # the step's schedule has 1,000 timesteps
         result["conv_shapes"] = conv_shapes(model, x0, t, device, args.precision, quick=args.quick)
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

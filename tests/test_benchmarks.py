@@ -4,6 +4,7 @@ They are not timed here (timings belong to the scripts themselves, run alone); w
 runs to the end on the CPU and that its figures are the ones the README quotes.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -179,3 +180,40 @@ def test_alternatives_refuse_to_time_a_variant_that_computes_something_else(monk
     assert rows[0]["variant"] == "x * 2 (the model)" and rows[1]["rel_error"] == 0
     with pytest.raises(AssertionError, match="'x \\* 2.1' differs from the model's result"):
         compare("demo", x.shape, {"x * 2": lambda: x * 2, "x * 2.1": lambda: x * 2.1}, torch.device("cpu"), timing)
+
+
+def test_peers_time_any_network_with_the_step_ours_is_timed_with(monkeypatch):
+    """peers.py's worker: a network that imports is timed by train_throughput's own step and measurement (so only
+    the network differs between the rows); one that does not import comes back as missing, not as a failure."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import peers
+    import train_throughput
+    from train_throughput import QUICK_OVERRIDES
+
+    stepped = []
+    real_training_step = train_throughput.training_step
+
+    def counting_step(*args, **kwargs):
+        step = real_training_step(*args, **kwargs)
+
+        def counted():
+            stepped.append(1)
+            step()
+        return counted
+
+    monkeypatch.setattr(peers, "training_step", counting_step)
+    monkeypatch.setattr(peers, "build", lambda peer, size: UNet(unet_preset(size, **QUICK_OVERRIDES)))
+    monkeypatch.setattr(peers, "version", lambda package: "0.test")
+    args = argparse.Namespace(peer="diffusers", size=32, device="cpu", malloc="system", precision="bf16",
+                              channels_last="on", batch_size=2, steps=2, warmup=1)
+    r = peers.run_config(args)
+    assert len(stepped) == 1 + 2  # the first step, reported apart, then the timed ones (warmup 1 is that first)
+    assert r["peer"] == "diffusers" and r["version"] == "0.test" and r["channels_last"] and r["batch_size"] == 2
+    assert r["images_per_s"] > 0 and r["first_step_s"] > 0 and r["conv_peak_gflops"] > 0
+    assert r["utilisation"] == pytest.approx(r["achieved_gflops"] / r["conv_peak_gflops"])
+    assert r["achieved_gflops"] == pytest.approx(3 * r["fwd_gflops_per_image"] * r["images_per_s"])
+
+    def missing(peer, size):
+        raise ImportError("No module named 'diffusers'")
+    monkeypatch.setattr(peers, "build", missing)
+    assert peers.run_config(args) == {"peer": "diffusers", "missing": "No module named 'diffusers'"}

@@ -4,7 +4,7 @@
     python benchmarks/alternatives.py --only weight_grad,skip_linear --batch-size 64
     python benchmarks/alternatives.py --quick               # smoke test: tiny shapes, seconds
 
-The README's Performance section quotes these as the "not kept" rows. Each comparison checks that every
+docs/performance.md quotes these as the "not kept" rows of its lever table. Each comparison checks that every
 alternative computes what the model's way does (within bf16 rounding), then times them all on the same
 tensors (bf16, channels_last, the 64 px preset's shapes at batch 32 unless told otherwise), taking turns for
 --steps rounds and keeping each one's fastest call, and prints each variant's speed against the model's:

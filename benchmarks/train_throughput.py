@@ -37,7 +37,7 @@ from ddpm.device import get_device, keep_freed_memory, synchronize  # noqa: E402
 
 # 32 and 64 px at the batch their presets train with (folder32, flowers64); 128 px at 16, the batch of the
 # memory target (flowers128 trains at 32). At 64 px batch 64 is what a flowers64 user runs; it reached 2-5
-# points more of the conv peak than 32 in three sessions of four, and 2 fewer in the fourth (README).
+# points more of the conv peak than 32 in three sessions of four, and 2 fewer in the fourth (docs/performance.md).
 DEFAULT_BATCH = {32: 64, 64: 64, 128: 16}
 QUICK_OVERRIDES = {"base_channels": 32, "channel_mults": (1, 2), "attention_resolutions": (16,), "groups": 8}
 

@@ -27,10 +27,10 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20, "dpmpp_2m_sde": 20}  
 # DPM-Solver++ steps in log-SNR, so an even log-SNR grid suits it: on the Gaussian oracle it cuts the ODE
 # solver's error at 20 steps 2-6x against "trailing" (benchmarks/samplers.py). DDPM/DDIM keep "trailing".
 # (On a briefly trained model the ODE solver scored better with "trailing", which stops at t = T/steps - 1
-# and skips the lowest noise levels: README, "Quality in one CPU-hour".)
+# and skips the lowest noise levels: docs/quality.md.)
 DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "logsnr", "dpmpp_2m_sde": "logsnr"}
 # The sampler to use when none is named (ddpm.sample.generate, training-time grids), by what the network
-# predicts and the schedule it was trained with (README, "Quality in one CPU-hour", FID of one-CPU-hour runs
+# predicts and the schedule it was trained with (docs/quality.md, FID of one-CPU-hour runs
 # at 32 px):
 # - epsilon: with the cosine schedule abar_T ~ 2e-9, so x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) turns the
 #   network's error at the noisiest steps into saturated colour that a deterministic path keeps; the SDE

@@ -1,7 +1,7 @@
 """The benchmark scripts run, and print what their tables and JSON lines promise (--quick: seconds each).
 
 They are not timed here (timings belong to the scripts themselves, run alone); what is checked is that each
-runs to the end on the CPU and that its figures are the ones the README quotes.
+runs to the end on the CPU and that its figures are the ones docs/performance.md and docs/quality.md quote.
 """
 
 import argparse
@@ -83,7 +83,7 @@ def test_samplers_quick():
     assert result["benchmark"] == "samplers"
     w2 = {(r["method"], r["nfe"]): r["w2"] for r in result["oracle"]}
     assert set(w2) == {(m, n) for m in ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde") for n in (10, 20)}
-    # the README's claim, on the exact Gaussian denoiser: DPM-Solver++ at 10 NFE beats DDIM at 20
+    # docs/quality.md's claim, on the exact Gaussian denoiser: DPM-Solver++ at 10 NFE beats DDIM at 20
     assert w2[("dpmpp_2m", 10)] < w2[("ddim", 20)] and w2[("dpmpp_2m_sde", 10)] < w2[("ddim", 20)]
     lat = {r["method"]: r for r in result["latency"]}
     assert lat["ddpm"]["steps"] == 1000 and all(r["seconds_per_image"] > 0 for r in lat.values())

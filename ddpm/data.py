@@ -6,10 +6,10 @@
 
 Decoding JPEGs is the slow part of a data pipeline, and a 64 px dataset of 8,189 images is only
 100 MB, so we decode, centre-crop and resize every image exactly once (in a thread pool), keep the
-result as one uint8 tensor in memory and on disk (data/cache), and do the per-step work (gather,
-flip, scale to [-1, 1]) on whole batches on the training device. That leaves nothing for DataLoader
-workers to do, and makes every batch a pure function of (seed, step): resuming at step k replays
-exactly the batches an uninterrupted run would have seen.
+result as one uint8 tensor in memory and on disk (under cache_root(): data/cache in a checkout), and do
+the per-step work (gather, flip, scale to [-1, 1]) on whole batches on the training device. That
+leaves nothing for DataLoader workers to do, and makes every batch a pure function of (seed, step):
+resuming at step k replays exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .checkpoint import save_checkpoint
+from .device import to_device
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,7 @@ FLOWERS_FILES = ("102flowers.tgz", "imagelabels.mat", "setid.mat")
 FLOWERS_SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # names inside setid.mat
 FLOWERS_NUM_CLASSES = 102
 
-# The cache lives in the repo's data/ folder (next to the ddpm/ package) rather than under the current
-# directory, so notebooks (run from notebooks/) and scripts (run from the repo root) share one copy.
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "cache"
+PACKAGE_DIR = Path(__file__).resolve().parent  # ddpm/: in a checkout, or in site-packages when installed
 CACHE_FORMAT = 1  # bump when preprocessing changes: old cache files then no longer match their key
 MAX_NAMED = 10  # how many file names a warning lists before it says "and N more"
 
@@ -100,14 +99,14 @@ def load_dataset(source: str = "flowers102", root: str | Path | None = None, *, 
         download=True; split "all" = train + val + test = 8,189 images, or one of "train", "val", "test";
         labels 0..101) or "folder" (every .jpg/.jpeg/.png/.webp under root, recursively; no labels).
     root: defaults to $DATA_ROOT, else "data".
-    cache_dir: where the decoded uint8 tensor is kept (default: the repo's data/cache). The cache file's
+    cache_dir: where the decoded uint8 tensor is kept (default: cache_root()). The cache file's
         name holds a hash of the source, root, split, image_size and every file's name, size and mtime,
         so any change to the files makes a new one.
     num_workers: decoding threads (default: one per CPU core).
     """
     _check_args(source, split, image_size)
     root = Path(root if root is not None else os.environ.get("DATA_ROOT", "data")).expanduser()
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
 
     if source == "flowers102":
         paths, labels, n_missing, meta_files = _flowers_files(root, split, download=download)
@@ -317,6 +316,34 @@ def _warn_files(message: str, names: list[str]) -> None:
 # -----------------------------------------------------------------------------
 # The cache: one torch.save file per (source, root, split, image_size, file list)
 
+def cache_root() -> Path:
+    """The folder every ddpm cache lives under (decoded images here, Inception statistics in ddpm.metrics).
+
+    $DDPM_CACHE_DIR if set; else, when ddpm runs from a checkout of ddpm-flowers, its data/cache, so
+    notebooks (run from notebooks/) and scripts (run from the root) share one copy whatever the current
+    directory; else (an installed package, where the folder next to ddpm/ is site-packages) the user's
+    cache folder, $XDG_CACHE_HOME/ddpm-flowers or ~/.cache/ddpm-flowers.
+    """
+    if os.environ.get("DDPM_CACHE_DIR"):
+        return Path(os.environ["DDPM_CACHE_DIR"]).expanduser()
+    checkout = PACKAGE_DIR.parent
+    if _is_checkout(checkout):
+        return checkout / "data" / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ddpm-flowers"
+
+
+def _is_checkout(folder: Path) -> bool:
+    """Whether `folder` is this project's source tree: a git checkout, or its pyproject.toml names ddpm-flowers."""
+    if (folder / ".git").exists():
+        return True
+    try:
+        text = (folder / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    # a regular expression, not tomllib: that is Python 3.11+, and the project supports 3.10
+    return re.search(r'^\s*name\s*=\s*["\']ddpm-flowers["\']', text, flags=re.MULTILINE) is not None
+
+
 def _cache_key(source: str, root: Path, split: str, image_size: int, files: list[Path], base: Path) -> str:
     """sha256 over everything the cached pixels depend on; any file added, removed or changed changes it."""
     records = []
@@ -380,7 +407,7 @@ class BatchStream:
     shards, as DistributedSampler; the last N % world_size of each permutation are left out of that
     epoch); flips come from a generator seeded by (seed, e, r). So `seek(step)` (or load_state_dict)
     resumes the exact sequence. Gathering indexes the in-memory uint8 tensor; only uint8 crosses to the
-    device (pinned, non-blocking on CUDA), and scaling and flipping run there.
+    device (pinned, non-blocking on CUDA: ddpm.device.to_device), and scaling and flipping run there.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int = 0, rank: int = 0,
@@ -447,15 +474,10 @@ class BatchStream:
     def _load(self, index: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images.index_select(0, index)
         y = self.labels.index_select(0, index) if self.labels is not None else torch.full((len(index),), -1)
-        x = self._to_device(x)
+        x = to_device(x, self.device)  # pinned and non-blocking on CUDA, blocking on MPS (see to_device)
         if self.flip:  # on uint8, before scaling: a quarter of the bytes to move
-            x = torch.where(self._to_device(flips).view(-1, 1, 1, 1), x.flip(-1), x)
-        return to_unit_range(x), self._to_device(y)
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
-            t = t.pin_memory()  # torch's caching host allocator keeps the block until the copy is done
-        return t.to(self.device, non_blocking=True)
+            x = torch.where(to_device(flips, self.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        return to_unit_range(x), to_device(y, self.device)
 
     def __repr__(self) -> str:
         return (f"BatchStream(batch_size={self.batch_size}, seed={self.seed}, rank={self.rank}/{self.world_size}, "

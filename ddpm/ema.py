@@ -8,7 +8,8 @@ so far weighted by step^(w - 2), whose mean lies (w - 1)/w of the way through th
 10 by default, the classic value) sets how far back it looks, and a smaller w looks further back.
 Parameters and floating-point buffers are averaged, other buffers copied. The shadow stays in fp32
 whatever the live model's dtype, and is updated with foreach ops (one kernel launch per group of
-tensors, not one per tensor): this runs after every optimizer step.
+tensors, not one per tensor): this runs after every optimizer step. On MPS, where torch has no foreach
+kernels, the float shadow is one flat buffer updated by a single lerp instead (_flat_shadow).
 """
 
 from __future__ import annotations
@@ -40,6 +41,38 @@ def _warmup_value(warmup) -> float:
     return float(warmup)
 
 
+def _use_flat(shadow: OrderedDict, floats: list[str]) -> bool:
+    # torch has no MPS kernel for any _foreach op (native_functions.yaml in torch 2.14 lists CUDA and XPU
+    # kernels only): on MPS _foreach_lerp_ falls back to one lerp per tensor, ~300 small ops per step for
+    # the UNet, and _foreach_mul_/add_ would do the same. One flat buffer takes one cat and one lerp.
+    # CUDA keeps the foreach path (its kernels need no gathering copy of the live weights), and so does
+    # the CPU, where a loop of ops costs nothing per launch.
+    return bool(floats) and shadow[floats[0]].device.type == "mps"
+
+
+def _flat_shadow(shadow: OrderedDict, floats: list[str]) -> torch.Tensor:
+    """Move the float entries of `shadow` into one fp32 buffer; each entry becomes a view of it with its
+    old strides (channels_last stays channels_last), so the buffer's order is each tensor's memory order."""
+    first = shadow[floats[0]]
+    flat = torch.empty(sum(shadow[k].numel() for k in floats), dtype=torch.float32, device=first.device)
+    offset = 0
+    for k in floats:
+        t = shadow[k]
+        view = flat.as_strided(t.shape, torch.empty_like(t, device="meta").stride(), offset)  # dense strides
+        shadow[k] = view.copy_(t)
+        offset += t.numel()
+    return flat
+
+
+def _memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t`'s elements as a 1-D tensor in the memory order of `like`, a dense view of the flat shadow: a view
+    of `t` when their strides agree (no copy), else a copy laid out as `like` (the live model changed its
+    memory format since the EMA was made)."""
+    if t.stride() != like.stride():
+        t = torch.empty_like(like, dtype=t.dtype).copy_(t)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 class EMA:
     def __init__(self, model: nn.Module, *, decay: float = 0.9999, update_after_step: int = 0,
                  update_every: int = 1, warmup: float = 10.0):
@@ -57,6 +90,8 @@ class EMA:
         self.names = list(live)
         self.shadow = OrderedDict((k, v.detach().clone().float() if v.is_floating_point() else v.detach().clone())
                                   for k, v in live.items())
+        self._floats = [k for k in self.names if self.shadow[k].is_floating_point()]
+        self._flat = _flat_shadow(self.shadow, self._floats) if _use_flat(self.shadow, self._floats) else None
 
     def _live(self) -> OrderedDict:
         # keep_vars: the parameters themselves, so copies into them reach the model
@@ -75,19 +110,34 @@ class EMA:
         self.step += 1
         live = self._live()
         if self.step <= self.update_after_step:  # too early to average: track the live weights
-            torch._foreach_copy_(list(self.shadow.values()), [live[k].detach() for k in self.names])
+            if self._flat is not None:
+                self._flat.copy_(self._flat_live(live))
+                self._copy_others(live)
+            else:
+                torch._foreach_copy_(list(self.shadow.values()), [live[k].detach() for k in self.names])
             return
         if (self.step - self.update_after_step) % self.update_every:
             return
-        floats = [k for k in self.names if self.shadow[k].is_floating_point()]
+        weight = 1.0 - self.current_decay()
+        if self._flat is not None:
+            self._flat.lerp_(self._flat_live(live), weight)
+        else:
+            src = [live[k].detach() for k in self._floats]
+            if any(s.dtype != torch.float32 for s in src):
+                src = [s.float() for s in src]
+            torch._foreach_lerp_([self.shadow[k] for k in self._floats], src, weight)
+        self._copy_others(live)
+        self.num_updates += 1
+
+    def _copy_others(self, live: OrderedDict) -> None:
         others = [k for k in self.names if not self.shadow[k].is_floating_point()]
-        src = [live[k].detach() for k in floats]
-        if any(s.dtype != torch.float32 for s in src):
-            src = [s.float() for s in src]
-        torch._foreach_lerp_([self.shadow[k] for k in floats], src, 1.0 - self.current_decay())
         if others:
             torch._foreach_copy_([self.shadow[k] for k in others], [live[k].detach() for k in others])
-        self.num_updates += 1
+
+    def _flat_live(self, live: OrderedDict) -> torch.Tensor:
+        """The live float weights in the flat shadow's order, as one fp32 tensor: one cat (a view per tensor)."""
+        flat = torch.cat([_memory_order(live[k].detach(), self.shadow[k]) for k in self._floats])
+        return flat.float()
 
     def shadow_state_dict(self) -> OrderedDict:
         """The averaged weights as a state_dict for model.load_state_dict (references, not copies)."""

@@ -6,7 +6,8 @@ method works with every prediction type. With fewer steps than T the list is a s
 training timesteps ("respacing"); the coefficients then use abar at the two timesteps a step joins.
 
 All random noise comes from a CPU torch.Generator and is then moved to the device, so a seed gives the
-same images on CPU, CUDA and MPS.
+same images on CPU, CUDA and MPS. Each call draws x_T and every step's noise ahead, in the order the steps
+use them, and copies each to the device as its step comes (_Noise): no step waits for a host-to-device copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .device import to_device
 from .diffusion import check_prediction_type, predict_epsilon, predict_x0
 from .schedules import NoiseSchedule, check_schedule_name
 
@@ -181,22 +183,20 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
     if isinstance(y, int):
         y = torch.full((batch,), y, dtype=torch.long)
     _check_args(model, schedule, method, eta, variance, y, guidance_scale, batch, prediction_type)
-    y = y.to(device) if y is not None else None
+    y = to_device(y, device) if y is not None else None
     if steps is None:  # the method's default, but never more steps than the schedule has (T may be small)
         steps = None if DEFAULT_STEPS[method] is None else min(DEFAULT_STEPS[method], schedule.timesteps)
     timesteps = set_timesteps(schedule, schedule.timesteps if steps is None else steps,
                               spacing=DEFAULT_SPACING[method] if spacing is None else spacing)
     null_class = getattr(model, "null_class", None)
+    pairs = _step_pairs(timesteps, schedule.alphas_cumprod)
+    draws = sum(_draws_noise(method, abar_t, abar_prev, eta=eta) for _, _, abar_t, abar_prev in pairs)
+    noise = _Noise(shape, 1 + draws, generator=generator, device=device)  # x_T, then each stochastic step's
 
-    def noise_like(x):
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
-
-    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
-    solver = (_DPMSolverPP2M(schedule, noise_like=noise_like if method == "dpmpp_2m_sde" else None)
+    x = noise()
+    solver = (_DPMSolverPP2M(schedule, noise=noise if method == "dpmpp_2m_sde" else None)
               if method.startswith("dpmpp") else None)
-    abar = schedule.alphas_cumprod
-    for i, t in enumerate(tqdm(timesteps.tolist(), desc=method, disable=not progress, leave=False)):
-        prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+    for i, (t, prev, abar_t, abar_prev) in enumerate(tqdm(pairs, desc=method, disable=not progress, leave=False)):
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
         out = _guided_output(model, x, t_batch, y, guidance_scale, null_class)
         x0 = predict_x0(schedule, x, t_batch, out, prediction_type)
@@ -204,20 +204,74 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
             x0 = x0.clamp(-1, 1)
         if callback is not None:
             callback(i, t, x, x0)
-        abar_t, abar_prev = float(abar[t]), (float(abar[prev]) if prev >= 0 else 1.0)
         if method == "ddpm":
-            x = _ddpm_step(x, x0, abar_t, abar_prev, variance=variance, noise_like=noise_like)
+            x = _ddpm_step(x, x0, abar_t, abar_prev, variance=variance, noise=noise)
         elif method == "ddim":
             # eps consistent with the (possibly clipped) x0, as in DDIM's eq. 12
             eps = (predict_epsilon(schedule, x, t_batch, out, prediction_type) if not clip_denoised
                    else (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t))
-            x = _ddim_step(x0, eps, abar_t, abar_prev, eta=eta, noise_like=noise_like)
+            x = _ddim_step(x0, eps, abar_t, abar_prev, eta=eta, noise=noise)
         else:
             x = solver(x, x0, t, prev)
     return x.clamp(-1, 1) if clip_denoised else x
 
 
-def _ddpm_step(x, x0, abar_t, abar_prev, *, variance, noise_like):
+def _step_pairs(timesteps: torch.Tensor, abar: torch.Tensor) -> list[tuple[int, int, float, float]]:
+    """(t, prev, abar_t, abar_prev) for each step; the last step goes to prev = -1, "clean" (abar = 1)."""
+    ts = timesteps.tolist()
+    prevs = ts[1:] + [-1]
+    return [(t, prev, float(abar[t]), float(abar[prev]) if prev >= 0 else 1.0) for t, prev in zip(ts, prevs)]
+
+
+def _draws_noise(method: str, abar_t: float, abar_prev: float, *, eta: float) -> bool:
+    """Whether the step from abar_t to abar_prev draws noise: the same tests the step functions make."""
+    if abar_prev == 1.0:  # every method's last step lands on x_0 without noise
+        return False
+    if method == "ddim":
+        return _ddim_sigma(abar_t, abar_prev, eta) > 0
+    return method in ("ddpm", "dpmpp_2m_sde")
+
+
+# How much noise one sample() call draws ahead at a time: all of it for the usual calls (a 20-step solver at
+# batch 64 and 64 px needs 66 MB), in windows for long ones (DDPM's 1000 steps: 3.1 GB at that size).
+NOISE_WINDOW_BYTES = 256 * 2**20
+
+
+class _Noise:
+    """x_T and then every stochastic step's noise for one sample() call, in the order the steps ask for it.
+
+    Drawn ahead (NOISE_WINDOW_BYTES at a time) on the generator's device, into pinned memory when it goes
+    to a GPU, then copied one step at a time with to_device (non-blocking on CUDA). Drawing each step's
+    noise on the CPU and copying it with a blocking .to(device) made the host wait for the GPU at every step.
+    Every tensor is its own randn draw of one step's shape, as the per-step draws were, so a seed gives the
+    same images as before, bit for bit (one randn over all steps would not: torch fills a tensor in blocks
+    of 16 numbers, so a step whose size is not a multiple of 16 would take other numbers).
+    """
+
+    def __init__(self, shape, count: int, *, generator: torch.Generator | None, device: torch.device):
+        self.shape, self.left, self.generator, self.device = tuple(shape), count, generator, device
+        self.host = generator.device if generator is not None else torch.device("cpu")
+        self.per_window = max(1, NOISE_WINDOW_BYTES // (4 * max(1, math.prod(self.shape))))
+        self.window, self.used = [], 0
+
+    def __call__(self) -> torch.Tensor:
+        if self.used == len(self.window):
+            self._draw()
+        self.used += 1
+        return to_device(self.window[self.used - 1], self.device)
+
+    def _draw(self) -> None:
+        n = min(self.left, self.per_window)
+        if n == 0:
+            raise RuntimeError("a sampler step asked for more noise than _draws_noise counted (a bug in ddpm.samplers)")
+        pin = self.device.type == "cuda" and self.host.type == "cpu"
+        window = torch.empty((n, *self.shape), dtype=torch.float32, device=self.host, pin_memory=pin)
+        for row in window:
+            row.normal_(generator=self.generator)  # what torch.randn(shape, generator=...) does
+        self.window, self.used, self.left = window, 0, self.left - n
+
+
+def _ddpm_step(x, x0, abar_t, abar_prev, *, variance, noise):
     """Sample from p(x_prev | x_t) = N(mu~(x_t, x0_hat), sigma^2) (Ho et al. eq. 7, respaced).
 
     With alpha = abar_t / abar_prev and beta = 1 - alpha (one step of the respaced chain):
@@ -230,18 +284,22 @@ def _ddpm_step(x, x0, abar_t, abar_prev, *, variance, noise_like):
     if abar_prev == 1.0:  # the last step lands on x_0: no noise
         return mean
     var = beta * (1 - abar_prev) / (1 - abar_t) if variance == "posterior" else beta
-    return mean + math.sqrt(var) * noise_like(x)
+    return mean + math.sqrt(var) * noise()
 
 
-def _ddim_step(x0, eps, abar_t, abar_prev, *, eta, noise_like):
+def _ddim_sigma(abar_t, abar_prev, eta):
+    return eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+
+
+def _ddim_step(x0, eps, abar_t, abar_prev, *, eta, noise):
     """DDIM (Song et al. 2021, eq. 12):
     x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
     eta = 1 on all T steps is DDPM with the posterior variance; eta = 0 is deterministic.
     """
-    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    sigma = _ddim_sigma(abar_t, abar_prev, eta)
     x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
-    return x + sigma * noise_like(x0) if sigma > 0 else x
+    return x + sigma * noise() if sigma > 0 else x
 
 
 class _DPMSolverPP2M:
@@ -256,9 +314,9 @@ class _DPMSolverPP2M:
     The last step goes to abar = 1 (s = 0, lambda = inf), where the update is simply x_0 = x0_t.
     """
 
-    def __init__(self, schedule: NoiseSchedule, *, noise_like=None):
+    def __init__(self, schedule: NoiseSchedule, *, noise=None):
         self.abar = schedule.alphas_cumprod
-        self.noise_like = noise_like  # None: the ODE solver
+        self.noise = noise  # None: the ODE solver; else a callable giving the next step's noise
         self.x0_prev = None
         self.h_prev = None
 
@@ -278,8 +336,8 @@ class _DPMSolverPP2M:
             r = self.h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self.x0_prev
         self.x0_prev, self.h_prev = x0, h
-        if self.noise_like is None:
+        if self.noise is None:
             return (s_next / s_t) * x - (a_next * math.expm1(-h)) * d
         keep = -math.expm1(-2 * h)  # 1 - e^{-2h}
         x_mean = ((s_next / s_t) * math.exp(-h)) * x + (a_next * keep) * d
-        return x_mean + (s_next * math.sqrt(keep)) * self.noise_like(x)
+        return x_mean + (s_next * math.sqrt(keep)) * self.noise()

@@ -356,3 +356,60 @@ def test_batchstream_on_cuda_matches_cpu():
     ds = numbered(16)
     a, b = next(BatchStream(ds, 8, device="cuda")), next(BatchStream(ds, 8))
     assert a[0].is_cuda and torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "cpu"])
+def test_batchstream_copies_every_tensor_through_to_device(monkeypatch, device):
+    # to_device picks the copy (pinned non-blocking on CUDA, blocking on MPS: tests/test_device.py); here,
+    # that the stream sends x, its flips and y through it, to the stream's device, as uint8 / bool / int64
+    copies = []
+    monkeypatch.setattr(data, "to_device", lambda t, dev: copies.append((t.dtype, dev)) or t.clone())
+    x, y = next(BatchStream(numbered(8), 4, device=device))
+    want = torch.device(device)
+    assert copies == [(torch.uint8, want), (torch.bool, want), (torch.int64, want)]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def fake_package(folder, *, pyproject=None, git=False):
+    """folder/ddpm as the package's own folder, beside a pyproject.toml and/or a .git."""
+    (folder / "ddpm").mkdir(parents=True)
+    if pyproject is not None:
+        (folder / "pyproject.toml").write_text(pyproject)
+    if git:
+        (folder / ".git").mkdir()
+    return folder / "ddpm"
+
+
+def test_cache_root_env_checkout_or_user_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("DDPM_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    checkout = tmp_path / "checkout"
+    monkeypatch.setattr(data, "PACKAGE_DIR", fake_package(checkout, pyproject='[project]\nname = "ddpm-flowers"\n'))
+    assert data.cache_root() == checkout / "data" / "cache"  # a checkout: its data/cache, whatever the cwd
+
+    site = tmp_path / "venv" / "lib" / "site-packages"  # installed without -e: never write there
+    monkeypatch.setattr(data, "PACKAGE_DIR", fake_package(site))
+    assert data.cache_root() == tmp_path / "home" / ".cache" / "ddpm-flowers"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_root() == tmp_path / "xdg" / "ddpm-flowers"
+
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "mine"))  # the variable wins over both
+    assert data.cache_root() == tmp_path / "mine"
+    monkeypatch.setattr(data, "PACKAGE_DIR", checkout / "ddpm")
+    assert data.cache_root() == tmp_path / "mine"
+
+
+def test_what_counts_as_a_checkout(tmp_path):
+    assert data._is_checkout(fake_package(tmp_path / "a", pyproject='[project]\nname = "ddpm-flowers"\n').parent)
+    assert data._is_checkout(fake_package(tmp_path / "b", git=True).parent)
+    assert not data._is_checkout(fake_package(tmp_path / "c", pyproject='[project]\nname = "other"\n').parent)
+    assert not data._is_checkout(fake_package(tmp_path / "d").parent)
+    assert data._is_checkout(Path(data.__file__).resolve().parents[1])  # this very checkout
+
+
+def test_load_dataset_caches_under_cache_root_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache"))
+    ds = load_dataset("folder", small_folder(tmp_path / "imgs"), image_size=8)
+    assert Path(ds.source_info["cache_path"]).parent == tmp_path / "cache"
+    assert Path(ds.source_info["cache_path"]).is_file()

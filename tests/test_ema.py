@@ -2,6 +2,7 @@
 swapped_in (also on errors), exact resume through a weights_only checkpoint, wrapped models."""
 
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -217,3 +218,62 @@ def test_bad_arguments():
     for w in (1, 0.5, -2):  # w = 1 would never move the shadow: (1 + n) / (1 + n) = 1
         with pytest.raises(ValueError, match=f"warmup={w} must be 0"):
             EMA(Toy(), warmup=w)
+
+
+
+def counted_unet(config):
+    """A small UNet laid out as train.py lays it out, plus an integer buffer (copied, not averaged)."""
+    model = UNet(config).to(memory_format=torch.channels_last)
+    model.register_buffer("count", torch.zeros((), dtype=torch.long))
+    return model
+
+
+def test_mps_flat_shadow_equals_the_per_tensor_lerp(monkeypatch):
+    # On MPS the float shadow is one flat buffer updated by one lerp (torch has no MPS foreach kernels).
+    # Forced here on the CPU: every update, copy, warm-up decay, buffer and resume must equal the foreach path.
+    import ddpm.ema as ema_module
+    assert ema_module._use_flat({"w": SimpleNamespace(device=torch.device("mps"))}, ["w"])
+    assert not ema_module._use_flat({"w": torch.zeros(1)}, ["w"])
+
+    torch.manual_seed(0)
+    config = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4,
+                        attention_resolutions=(4,), head_dim=8)
+    model = counted_unet(config)
+    plain = EMA(model, decay=0.9, update_after_step=2, update_every=2)
+    monkeypatch.setattr(ema_module, "_use_flat", lambda shadow, floats: bool(floats))
+    flat = EMA(model, decay=0.9, update_after_step=2, update_every=2)
+    assert flat._flat is not None and plain._flat is None
+    assert flat._flat.numel() == sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+    assert all(flat.shadow[k].stride() == plain.shadow[k].stride() for k in plain.names)  # layouts kept
+
+    g = torch.Generator().manual_seed(1)
+    for step in range(9):
+        if step == 6:  # the live layout changes under the EMA: gathered by a copy then, still right
+            model.to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            model.count += 1
+        plain.update()
+        flat.update()
+        for k in plain.names:
+            assert torch.equal(flat.shadow[k], plain.shadow[k]), (step, k)
+    assert flat.shadow["count"].item() == 8 and flat.num_updates == plain.num_updates == 3  # updates 4, 6, 8
+
+    resumed = EMA(counted_unet(config), decay=0.5)
+    resumed.load_state_dict(flat.state_dict())  # loads into the flat buffer's views
+    assert resumed._flat is not None and all(torch.equal(resumed.shadow[k], plain.shadow[k]) for k in plain.names)
+    fresh = counted_unet(config)
+    fresh.load_state_dict(resumed.shadow_state_dict())
+    with flat.swapped_in():
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+    half = Toy().to(torch.bfloat16)  # bf16 live weights: gathered, then cast to the fp32 shadow in one op
+    flat_half = EMA(half, decay=0.5, warmup=False)
+    monkeypatch.undo()
+    plain_half = EMA(half, decay=0.5, warmup=False)
+    half.set(1.5)
+    flat_half.update()
+    plain_half.update()
+    assert flat_half._flat is not None and flat_half._flat.dtype == torch.float32
+    assert all(torch.equal(flat_half.shadow[k], plain_half.shadow[k]) for k in plain_half.names)

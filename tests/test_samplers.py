@@ -214,3 +214,66 @@ def test_default_sampler_by_prediction_type_and_schedule():
         default_sampler("score", "cosine")
     with pytest.raises(ValueError, match="schedule 'sigmoid'"):
         default_sampler("v_prediction", "sigmoid")
+
+
+class PerStepNoise:
+    """The reference for samplers._Noise: what sample() did before drawing ahead, one randn of the batch's
+    shape on the CPU each time a step asks, copied to the device then."""
+    def __init__(self, shape, count, *, generator, device):
+        self.shape, self.generator, self.device = tuple(shape), generator, device
+
+    def __call__(self):
+        return torch.randn(self.shape, generator=self.generator, dtype=torch.float32).to(self.device)
+
+
+@pytest.mark.parametrize("window_bytes", [None, 1900])  # all steps at once; two or three steps at a time
+@pytest.mark.parametrize("method, kwargs", [
+    ("ddpm", {"variance": "posterior"}), ("ddpm", {"variance": "beta", "steps": 13}),
+    ("ddim", {"eta": 0.5, "steps": 10}), ("ddim", {"eta": 1.0, "steps": 17}), ("ddim", {"eta": 0.0, "steps": 10}),
+    ("dpmpp_2m_sde", {"steps": 20}), ("dpmpp_2m", {"steps": 10}),
+])
+def test_noise_drawn_ahead_gives_the_images_of_per_step_draws(monkeypatch, method, kwargs, window_bytes):
+    # A seed must give the same images bit for bit whether the noise is drawn ahead or as each step asks:
+    # same numbers, same order, and the generator left where the per-step draws leave it (so the next
+    # chunk of ddpm.sample.generate, drawn from the same generator, is unchanged too). 75 numbers per image:
+    # not a multiple of 16, where one randn over all steps would give other numbers.
+    from ddpm import samplers
+    s = make_schedule("cosine", timesteps=60)
+    mean, std = torch.linspace(-0.5, 0.5, 75).reshape(3, 5, 5), torch.linspace(0.1, 0.6, 75).reshape(3, 5, 5)
+    oracle = GaussianDenoiser(s, mean, std)
+
+    def two_chunks():
+        g = torch.Generator().manual_seed(11)
+        chunks = [sample(oracle, s, (n, 3, 5, 5), method=method, generator=g, progress=False, **kwargs) for n in (3, 2)]
+        return chunks, g.get_state()
+
+    if window_bytes is not None:
+        monkeypatch.setattr(samplers, "NOISE_WINDOW_BYTES", window_bytes)
+    (a, b), state = two_chunks()
+    monkeypatch.setattr(samplers, "_Noise", PerStepNoise)
+    (ref_a, ref_b), ref_state = two_chunks()
+    assert torch.equal(a, ref_a) and torch.equal(b, ref_b) and torch.equal(state, ref_state)
+
+
+def test_noise_for_a_gpu_is_drawn_into_pinned_memory_and_copied_per_step(monkeypatch):
+    from ddpm import samplers
+    pinned, copies, empty = [], [], torch.empty
+
+    def fake_empty(*args, pin_memory=False, **kwargs):  # pinning needs a CUDA driver: record it instead
+        pinned.append(pin_memory)
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    monkeypatch.setattr(samplers, "to_device", lambda t, device: copies.append(device) or t.clone())
+    monkeypatch.setattr(samplers, "NOISE_WINDOW_BYTES", 3 * 4 * 10)  # 3 draws of 10 numbers per window
+    g, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    noise = samplers._Noise((2, 5), 7, generator=g, device=torch.device("cuda"))
+    drawn = [noise() for _ in range(7)]
+    assert pinned == [True, True, True] and copies == [torch.device("cuda")] * 7  # windows of 3, 3, 1
+    assert all(torch.equal(x, torch.randn((2, 5), generator=ref)) for x in drawn)
+    with pytest.raises(RuntimeError, match="more noise than"):
+        noise()
+    pinned.clear()
+    for device in ("cpu", "mps"):  # nothing to overlap with on the CPU; MPS copies blocking from pageable memory
+        samplers._Noise((2, 5), 1, generator=None, device=torch.device(device))()
+    assert pinned == [False, False]

@@ -40,7 +40,7 @@ from torch import nn
 
 import common  # noqa: F401  (importing it puts the repo on sys.path)
 from ddpm.device import get_device, keep_freed_memory, saved_tensor_bytes
-from ddpm.unet import _gn_backward, _gn_forward, _GroupNormActConv, group_norm
+from ddpm.ops import GroupNormActConv, gn_backward, gn_forward, group_norm_act
 from train_throughput import conv_gflop, time_it
 
 COMPARISONS = ("weight_grad", "skip_linear", "norm_affine", "norm_chunks", "compiled_norm", "save_silu")
@@ -209,7 +209,8 @@ def compiled_norm(device, b, c, s, timing) -> list[dict]:
             t0 = time.perf_counter()
             fused()  # the first call compiles
             fused.extra = {"compile_s": time.perf_counter() - t0}
-            variants = {f"{channels} ch eager node": lambda: group_norm(x, norm, scale=scale, shift=shift, act=True),
+            variants = {f"{channels} ch eager node":
+                            lambda: group_norm_act(x, norm, scale=scale, shift=shift, act=True),
                         f"{channels} ch torch.compile": fused}
             rows += compare("compiled_norm", x.shape, variants, device, timing)
     return rows
@@ -229,14 +230,14 @@ def norm_chunks(device, b, c, s, timing) -> list[dict]:
             def call():
                 out = torch.empty_like(x)
                 for i in range(0, b, n):
-                    xhat, _, w4, b4 = _gn_forward(x[i:i + n], norm.weight, norm.bias, scale[i:i + n],
-                                                  shift[i:i + n], norm.num_groups, norm.eps)
+                    xhat, _, w4, b4 = gn_forward(x[i:i + n], norm.weight, norm.bias, scale[i:i + n],
+                                                 shift[i:i + n], norm.num_groups, norm.eps)
                     F.silu(torch.addcmul(b4, xhat, w4, out=out[i:i + n]), inplace=True)
                 return out
             return call
 
         variants = {f"{channels} ch whole batch ({b * per_sample / 2**20:.1f} MiB)":
-                        lambda: group_norm(x, norm, scale=scale, shift=shift, act=True)}
+                        lambda: group_norm_act(x, norm, scale=scale, shift=shift, act=True)}
         for mb in (2, 4, 8):
             n = max(1, min(b, mb * 2**20 // per_sample))
             variants[f"{channels} ch chunks of {n} ({n * per_sample / 2**20:.1f} MiB)"] = chunked(n)
@@ -245,14 +246,14 @@ def norm_chunks(device, b, c, s, timing) -> list[dict]:
     return rows
 
 
-class _SavesConvInput(_GroupNormActConv):
+class _SavesConvInput(GroupNormActConv):
     """The model's norm -> SiLU -> conv node, but saving the conv's input silu(y) for the weight gradient
     instead of recomputing it: one SiLU less per backward, one more activation kept until then."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups, eps, conv_weight, conv_bias, stride, padding,
                 dilation, conv_groups):
-        xhat, rstd, w4, b4 = _gn_forward(x, weight, bias, scale, shift, groups, eps)
+        xhat, rstd, w4, b4 = gn_forward(x, weight, bias, scale, shift, groups, eps)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cw, cb = conv_weight.to(dtype), conv_bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
@@ -272,7 +273,7 @@ class _SavesConvInput(_GroupNormActConv):
             [True, True, True])
         y = torch.addcmul(b4, xhat, w4)
         gy = torch.ops.aten.silu_backward.grad_input(grad_h.to(xhat.dtype), y, grad_input=y)
-        grads = _gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups)
+        grads = gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups)
         return (*grads, None, None, grad_cw.to(ctx.dtypes[0]), grad_cb.to(ctx.dtypes[1]), None, None, None, None)
 
 
@@ -287,7 +288,7 @@ def save_silu(device, b, c, s, timing) -> list[dict]:
     def forward(saves_input: bool):
         with torch.autocast(device.type, dtype=DTYPE):
             if not saves_input:
-                return group_norm(x, norm, scale=scale, shift=shift, act=True, conv=conv)
+                return group_norm_act(x, norm, scale=scale, shift=shift, act=True, conv=conv)
             return _SavesConvInput.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps,
                                          conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 

@@ -4,13 +4,12 @@
 
 ResBlocks (GroupNorm, SiLU, scale-shift time conditioning), self-attention (F.scaled_dot_product_attention,
 or plain matmuls on CPU) at chosen feature-map sizes, skip connections from the down path
-to the up path. Written to be fast in eager mode, on CPU too, with one device-specific choice (attention, below):
+to the up path. Written to be fast in eager mode, on CPU too, with device-specific choices:
 
-- GroupNorm, the time scale-shift and SiLU run as one autograd node (`group_norm`) with a
-  hand-written backward: PyTorch's own GroupNorm backward is 2-3x slower in channels_last on CPU
-  (the whole training step gets ~12% faster), and the fusion stores one activation per norm, not three.
-  In the ResBlocks the conv that follows joins the node, which recomputes its input in the backward:
-  a third less activation memory for a few per cent of speed.
+- The norm path, chosen once per model (set_norm_path(model, device)): on CPU, GroupNorm, the time
+  scale-shift, SiLU and the conv after them run as one hand-written autograd node (ddpm.ops); on CUDA and
+  MPS as the plain ops, which their kernels serve better. Same parameters, same state_dict either way.
+- The layout (preferred_memory_format(device)): channels_last on CPU and CUDA, NCHW on MPS.
 - Attention reads a channels_last feature map as a (B, H*W, C) sequence without a copy; on CPU its
   short sequences run as two matmuls and a softmax, faster there than the fused SDPA kernel.
 - The time embedding's SiLU, shared by every ResBlock, is computed once per forward.
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .ops import group_norm_act
 
 VARIANTS = ("simple", "attention")
 PRESET_SIZES = (32, 64, 128)
@@ -48,134 +49,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, *, max_period: float =
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-# ---------------------------------------------------------------------------------------------
-# GroupNorm (+ per-sample scale-shift) (+ SiLU) as one autograd node
-
-
-def _gn_forward(x, weight, bias, scale, shift, groups, eps):
-    """xhat = GroupNorm(x) without affine, and the per-(sample, channel) w', b' with y = xhat * w' + b':
-    w' = w (1 + scale), b' = b (1 + scale) + shift, folded in fp32 (or fp64), applied in x's dtype."""
-    B, C = x.shape[:2]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    xhat, _, rstd = torch.native_group_norm(x, None, None, B, C, x[0, 0].numel(), groups, eps)
-    w, b = weight.to(acc).expand(B, C), bias.to(acc).expand(B, C)
-    if scale is not None:
-        w = w * (1 + scale.to(acc))
-        b = b * (1 + scale.to(acc)) + shift.to(acc)
-    return xhat, rstd, w.to(x.dtype).view(B, C, 1, 1), b.to(x.dtype).view(B, C, 1, 1)
-
-
-def _gn_backward(gy, xhat, rstd, w4, weight, bias, scale, groups):
-    """Gradients of y = xhat * w' + b' for x, weight, bias, scale, shift, given dL/dy (closed form)."""
-    B, C = xhat.shape[:2]
-    acc = torch.promote_types(xhat.dtype, torch.float32)
-    s1 = gy.sum((2, 3)).to(acc)            # dL/db'  (B, C); reductions accumulate in fp32
-    s2 = (gy * xhat).sum((2, 3)).to(acc)   # dL/dw'
-    # dx = rstd (w' gy - mean_g(w' gy) - xhat mean_g(w' gy xhat)), means over the group's (c, h, w)
-    n = (C // groups) * xhat[0, 0].numel()
-    w = w4.view(B, C).to(acc)
-    r = rstd.to(acc).view(B, groups, 1)
-    m1 = (w * s1).view(B, groups, -1).sum(-1, keepdim=True) / n
-    m2 = (w * s2).view(B, groups, -1).sum(-1, keepdim=True) / n
-    p = (r * w.view(B, groups, -1)).view(B, C, 1, 1).to(xhat.dtype)
-    q = (-r * m2).expand(B, groups, C // groups).reshape(B, C, 1, 1).to(xhat.dtype)
-    c = (-r * m1).expand(B, groups, C // groups).reshape(B, C, 1, 1).to(xhat.dtype)
-    grad_x = torch.addcmul(c, xhat, q).addcmul_(gy, p)  # in place: one full-size buffer, not two
-    grad_scale = grad_shift = None
-    if scale is None:
-        grad_w, grad_b = s2.sum(0), s1.sum(0)
-    else:
-        one_s = 1 + scale.to(acc)
-        grad_w, grad_b = (s2 * one_s).sum(0), (s1 * one_s).sum(0)
-        grad_scale = (s2 * weight.to(acc) + s1 * bias.to(acc)).to(scale.dtype)
-        grad_shift = s1.to(scale.dtype)
-    return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype), grad_scale, grad_shift
-
-
-class _GroupNormAct(torch.autograd.Function):
-    """out = silu(y) or y, y = GroupNorm(x) * w' + b' (see _gn_forward), as one autograd node.
-
-    Saves only xhat; the backward is closed-form GroupNorm backward written with whole-tensor ops
-    (two per-channel reductions and two fused multiply-adds), which are fast in any memory format.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, act):
-        xhat, rstd, w4, b4 = _gn_forward(x, weight, bias, scale, shift, groups, eps)
-        ctx.save_for_backward(xhat, rstd, w4, b4, weight, bias, scale)
-        ctx.groups, ctx.act = groups, act
-        y = torch.addcmul(b4, xhat, w4)
-        return F.silu(y, inplace=True) if act else y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xhat, rstd, w4, b4, weight, bias, scale = ctx.saved_tensors
-        grad_out = grad_out.to(xhat.dtype)
-        # d/dy: recompute y rather than store it (one multiply-add is cheaper than the memory)
-        if ctx.act:
-            y = torch.addcmul(b4, xhat, w4)
-            gy = torch.ops.aten.silu_backward.grad_input(grad_out, y, grad_input=y)  # into y's buffer
-        else:
-            gy = grad_out
-        return *_gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups), None, None, None
-
-
-class _GroupNormActConv(torch.autograd.Function):
-    """conv(silu(y)), y as in _GroupNormAct: the ResBlock's norm -> SiLU -> conv as one autograd node.
-
-    Unfused, the conv saves its input silu(y) for its weight gradient, a second full-size activation
-    beside the norm's xhat; here the backward recomputes it from xhat (one multiply-add and a SiLU), so
-    each pair stores one activation instead of two: at 128 px a third of the training step's
-    saved activations. The conv runs in the autocast dtype, as nn.Conv2d would.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, conv_weight, conv_bias, stride, padding,
-                dilation, conv_groups):
-        xhat, rstd, w4, b4 = _gn_forward(x, weight, bias, scale, shift, groups, eps)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        cw = conv_weight.to(dtype)
-        cb = conv_bias.to(dtype) if conv_bias is not None else None
-        with torch.autocast(device, enabled=False):
-            out = F.conv2d(F.silu(torch.addcmul(b4, xhat, w4), inplace=True).to(dtype), cw, cb, stride, padding,
-                           dilation, conv_groups)
-        ctx.save_for_backward(xhat, rstd, w4, b4, weight, bias, scale, cw)
-        ctx.groups, ctx.conv_args = groups, (stride, padding, dilation, conv_groups)
-        ctx.bias_dtype = conv_bias.dtype if conv_bias is not None else None
-        ctx.weight_dtype = conv_weight.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xhat, rstd, w4, b4, weight, bias, scale, cw = ctx.saved_tensors
-        stride, padding, dilation, conv_groups = ctx.conv_args
-        y = torch.addcmul(b4, xhat, w4)
-        has_bias = ctx.bias_dtype is not None
-        grad_h, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-            grad_out.to(cw.dtype), F.silu(y).to(cw.dtype), cw, [cw.shape[0]] if has_bias else None, stride,
-            padding, dilation, False, [0, 0], conv_groups, [True, True, has_bias])
-        gy = torch.ops.aten.silu_backward.grad_input(grad_h.to(xhat.dtype), y, grad_input=y)  # into y's buffer
-        grads = _gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups)
-        return (*grads, None, None, grad_cw.to(ctx.weight_dtype),
-                grad_cb.to(ctx.bias_dtype) if has_bias else None, None, None, None, None)
-
-
-def group_norm(x: torch.Tensor, norm: nn.GroupNorm, *, scale: torch.Tensor | None = None,
-               shift: torch.Tensor | None = None, act: bool = False, conv: nn.Conv2d | None = None) -> torch.Tensor:
-    """GroupNorm(x) with `norm`'s parameters, then h * (1 + scale) + shift (scale, shift: (B, C)),
-    then SiLU if act, then `conv` if given (act must be True): mathematically the unfused ops, as one
-    fast autograd node."""
-    if (scale is None) != (shift is None):
-        raise ValueError("pass both scale and shift, or neither")
-    if conv is None:
-        return _GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
-    if not act or not isinstance(conv.padding, tuple):
-        raise ValueError("group_norm(conv=...) fuses norm -> SiLU -> conv: needs act=True and numeric padding")
-    return _GroupNormActConv.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, conv.weight,
-                                   conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,14 +182,17 @@ class ResBlock(nn.Module):
         self.dropout = dropout
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))  # the block starts as the identity
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.fused_norm = True  # the norm path: UNet.use_fused_norm sets it
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = group_norm(x, self.norm1, act=True, conv=self.conv1)
+        fused = self.fused_norm
+        h = group_norm_act(x, self.norm1, act=True, conv=self.conv1, fused=fused)
         scale, shift = self.emb(emb).chunk(2, dim=1)
         if self.dropout > 0 and self.training:  # dropout sits between the SiLU and conv2: no fusion
-            h = group_norm(h, self.norm2, scale=scale, shift=shift, act=True)
+            h = group_norm_act(h, self.norm2, scale=scale, shift=shift, act=True, fused=fused)
             return self.skip(x) + self.conv2(F.dropout(h, self.dropout, self.training))
-        return self.skip(x) + group_norm(h, self.norm2, scale=scale, shift=shift, act=True, conv=self.conv2)
+        return self.skip(x) + group_norm_act(h, self.norm2, scale=scale, shift=shift, act=True, conv=self.conv2,
+                                             fused=fused)
 
 
 # PyTorch's CPU kernel for F.scaled_dot_product_attention (flash attention for CPU) runs the short
@@ -346,11 +222,12 @@ class Attention(nn.Module):
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = _zero(nn.Linear(channels, channels))
+        self.fused_norm = True  # the norm path: UNet.use_fused_norm sets it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         # (B, C, H, W) -> (B, H*W, C): free when x is channels_last (its memory already is B, H, W, C)
-        h = group_norm(x, self.norm).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        h = group_norm_act(x, self.norm, fused=self.fused_norm).permute(0, 2, 3, 1).reshape(B, H * W, C)
         q, k, v = self.qkv(h).view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         h = attention(q, k, v)  # (B, heads, H*W, head_dim)
         h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
@@ -391,15 +268,33 @@ class Stage(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-device choices, made once when the model is placed
+
+
+def set_norm_path(model: UNet, device: torch.device | str) -> UNet:
+    """Picks the model's norm path for `device`, once, before its first forward: ddpm.ops' fused node on the
+    CPU (what it is tuned for), the plain ops on CUDA and MPS, where the node would cost layout conversions
+    and twice the backward kernels. Returns the model (not moved: see preferred_memory_format)."""
+    return model.use_fused_norm(torch.device(device).type == "cpu")
+
+
+def preferred_memory_format(device: torch.device | str) -> torch.memory_format:
+    """The layout for the model and its inputs on `device`: channels_last on CPU and CUDA (the fused norm's
+    layout; cuDNN's fastest for fp16/bf16 convolutions on tensor cores), NCHW on MPS."""
+    return torch.contiguous_format if torch.device(device).type == "mps" else torch.channels_last
+
+
+# ---------------------------------------------------------------------------------------------
 # The UNet
 
 
 class UNet(nn.Module):
     """UNet(unet_preset(64)) or UNet(UNetConfig(...)); model(x_t, t[, y]) -> tensor shaped like x_t.
 
-    For speed on CPU and GPU: model.to(memory_format=torch.channels_last) and bf16 autocast."""
+    For speed, once, where the model goes: set_norm_path(model, device).to(device,
+    memory_format=preferred_memory_format(device)); then bf16 autocast."""
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, *, fused_norm: bool = True):
         super().__init__()
         self.config = c = config
         ch, emb_dim = c.base_channels, 4 * c.base_channels
@@ -440,6 +335,16 @@ class UNet(nn.Module):
 
         self.out_norm = nn.GroupNorm(c.groups, ch)
         self.out_conv = _zero(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))  # output 0 at init
+        self.use_fused_norm(fused_norm)
+
+    def use_fused_norm(self, fused: bool) -> UNet:
+        """Every norm as ddpm.ops' fused node (True, for the CPU) or as the plain ops (False, for CUDA and MPS);
+        set_norm_path chooses by device. Returns the model. A plain attribute, not a parameter or buffer: the
+        state_dict is the same either way, so a checkpoint trained on one path loads into the other."""
+        for m in self.modules():
+            if isinstance(m, (ResBlock, Attention, UNet)):
+                m.fused_norm = bool(fused)
+        return self
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -477,6 +382,6 @@ class UNet(nn.Module):
             h = self._run(block, h, emb)
         for block in self.up:
             h = block(h) if isinstance(block, Upsample) else self._run(block, h, emb, skips.pop())
-        h = group_norm(h, self.out_norm, act=True)
+        h = group_norm_act(h, self.out_norm, act=True, fused=self.fused_norm)
         with torch.autocast(h.device.type, enabled=False):
             return self.out_conv(h.to(self.out_conv.weight.dtype))

@@ -34,11 +34,13 @@ from common import REPO, default_data_root  # (importing common puts the repo on
 from ddpm import get_device
 from ddpm.device import keep_freed_memory
 from ddpm.data import load_dataset
-from ddpm.checkpoint import load_checkpoint
+from ddpm.checkpoint import load_checkpoint, load_model, model_from_state
+from ddpm.config import PRESETS, apply_overrides, preset
 from ddpm.metrics import FIDEvaluator
 from ddpm.sample import generate
 from ddpm.samplers import DEFAULT_SPACING, METHODS, SPACINGS
-from ddpm.train import PRESETS, apply_overrides, load_model, model_from_state, preset, save_sample_grid, train
+from ddpm.train import train
+from ddpm.viz import save_grid
 
 
 
@@ -129,7 +131,7 @@ def main() -> None:
         scores = evaluator.score(images)
         spacing = spacing or DEFAULT_SPACING[method]
         live = "_live" if args.weights == "live" else ""
-        save_sample_grid(images[:64], out / f"samples_{method}_{nfe}_{spacing}_seed{args.seed}{live}.png")
+        save_grid(images[:64], out / f"samples_{method}_{nfe}_{spacing}_seed{args.seed}{live}.png")
         rows.append({"method": method, "nfe": nfe, "spacing": spacing, "seed": args.seed, "weights": args.weights,
                      "fid": round(scores["fid"], 2), "kid_mean": round(scores["kid_mean"], 5),
                      "kid_std": round(scores["kid_std"], 5), "sample_s": round(sample_s, 1)})

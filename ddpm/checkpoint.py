@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -280,3 +281,76 @@ def check_compatible(saved: dict, current: dict, *, what: str = "config", source
         where = f" {source}" if source else ""
         raise CheckpointError(f"the checkpoint{where} was made with a different {what}:\n  " + "\n  ".join(diffs)
                               + "\nuse the same settings to resume, or start a new run folder")
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def load_model(path, *, use_ema: bool = True, device=None):
+    """(model in eval mode, NoiseSchedule, RunConfig) from a checkpoint file, a run folder (its latest) or
+    an exported weights file (export_weights: the shipped models under checkpoints/)."""
+    return model_from_state(load_checkpoint(path), use_ema=use_ema, device=device, source=path)
+
+
+def model_from_state(state: dict, *, use_ema: bool = True, device=None, source="the checkpoint"):
+    """load_model's work on a checkpoint already read by load_checkpoint (for its step, say)."""
+    from .config import RunConfig
+    from .device import get_device
+    from .unet import UNet, set_norm_path
+
+    config = RunConfig.from_dict(state["config"])
+    model = UNet(config.model)
+    if state.get("weights") == "ema":  # an export holds only the averaged weights
+        weights = state["model"]
+    elif use_ema:
+        weights = state["ema"]["shadow"]
+    else:
+        weights = state["model"]
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit the model its config describes: "
+                              f"{str(err).splitlines()[0]}") from err
+    device = get_device(device)
+    set_norm_path(model, device)
+    return model.to(device).eval(), config.diffusion.make_schedule(), config
+
+
+def available_models(root: str | os.PathLike) -> dict[str, Path]:
+    """{name: path} of every model under `root`: the exported ones (NAME.pt, such as the models this repository
+    ships in checkpoints/) and every run folder with a checkpoint (NAME/, its latest); exports first."""
+    root = Path(root)
+    exported = {p.stem: p for p in sorted(root.glob("*.pt"))}
+    runs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and find_latest(p) is not None} \
+        if root.is_dir() else {}
+    return {**exported, **{name if name not in exported else f"{name}/": path for name, path in runs.items()}}
+
+
+def export_weights(src, dst, *, dtype: torch.dtype = torch.float16, note: str = "") -> Path:
+    """Write the EMA weights of checkpoint `src` in `dtype` with its config and step: no optimizer, RNG or data
+    state, so a trained model ships in a few MB and loads with load_model like any checkpoint."""
+    state = load_checkpoint(src)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["ema"]["shadow"].items()}
+    export = {"format": 1, "version": package_version(), "weights": "ema", "dtype": str(dtype).replace("torch.", ""),
+              "step": int(state["step"]), "config": state["config"], "model": weights, "note": note}
+    return save_checkpoint(dst, export)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ddpm.checkpoint",
+                                description="Export a run's EMA weights (fp16, with its config) as one small file.")
+    p.add_argument("src", help="a checkpoint file or a run folder (its latest)")
+    p.add_argument("dst", help="the file to write, e.g. checkpoints/cpu64.pt")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--note", default="", help="stored in the file, e.g. the command that trained it")
+    args = p.parse_args(argv)
+    try:
+        out = export_weights(args.src, args.dst, dtype=getattr(torch, args.dtype), note=args.note)
+    except (CheckpointError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

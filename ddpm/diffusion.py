@@ -23,6 +23,11 @@ def check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
 
 
+def check_loss_type(loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+
+
 def _rates(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor):
     return (schedule.gather(schedule.sqrt_alphas_cumprod, t, like),
             schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, like))
@@ -97,8 +102,7 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *, y: torch.
     t is uniform on {0, ..., T-1} and eps ~ N(0, I), both drawn on x0's device from the global torch
     RNG (seeded, and saved in checkpoints, so a resumed run draws the same) unless given.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    check_loss_type(loss_type)
     check_prediction_type(prediction_type)
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}")
@@ -113,7 +117,7 @@ def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *, y: torch.
     x_t = schedule.add_noise(x0, noise, timesteps)
     output = model(x_t, timesteps) if y is None else model(x_t, timesteps, y)
     target = get_target(schedule, x0, noise, timesteps, prediction_type)
-    output, target = output.float(), target.float()
+    output, target = output.float(), target.float()  # the loss in fp32 under any autocast
     if loss_type == "mse":
         per_elem = F.mse_loss(output, target, reduction="none")
     elif loss_type == "l1":

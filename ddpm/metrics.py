@@ -39,6 +39,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from .checkpoint import save_checkpoint
+from .data import cache_root
 from .device import get_device
 
 WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
@@ -50,7 +51,7 @@ INPUT_SIZE = 299
 NUM_FEATURES = 2048
 KID_SUBSET_SIZE = 1000  # the usual KID subset size; lowered automatically to the number of images available
 CACHE_VERSION = 1       # bump when preprocessing changes, so old cached real features are not reused
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "cache" / "fid"  # next to ddpm.data's cache
+DEFAULT_CACHE_DIR = "default"  # resolved when used: ddpm.data.cache_root() / "fid", beside the data cache
 EXTRACTOR_NAME = "InceptionV3 (TF FID graph 2015-12-05), pool3 2048-d"
 RESIZE_NAME = "bilinear to 299x299, TF1-compatible (torch-fidelity interpolate_bilinear_2d_like_tensorflow1x)"
 
@@ -376,7 +377,7 @@ class FIDEvaluator:
     num_real: use a seeded random subset of this many real images (None: all of them).
     weights / extractor: where the Inception weights are (see find_inception_weights), or an
         InceptionFeatures already loaded (share one between evaluators; its device wins).
-    cache_dir: real features are saved there (default: the repo's data/cache/fid), keyed by the real
+    cache_dir: real features are saved there (default: ddpm.data.cache_root()/fid), keyed by the real
         images' content (so dataset, split, image size and count) and the weights' sha256; a second
         evaluator skips Inception on real images. None: no cache. Features (not only mean/covariance)
         are kept because KID needs them: 8 KB per image.
@@ -407,6 +408,8 @@ class FIDEvaluator:
         h, w = self._real_size = tuple(images.shape[-2:])
         self.cache_path, self.real_features = None, None
         self.real_from_cache = False
+        if cache_dir == DEFAULT_CACHE_DIR:
+            cache_dir = cache_root() / "fid"
         if cache_dir is not None:
             key = hashlib.sha256(repr((CACHE_VERSION, tuple(images.shape), self.extractor.identity)).encode())
             key.update(images.contiguous().numpy().data)  # content: a changed dataset never hits a stale cache

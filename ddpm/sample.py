@@ -11,24 +11,24 @@ The start noise comes from a CPU generator seeded by --seed, so a seed gives the
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
 from . import samplers
-from .device import autocast
+from .checkpoint import load_model
+from .device import PRECISIONS, autocast
+from .viz import save_grid
 
 
 def generate(model, schedule, config, *, n: int, method: str | None = None, steps: int | None = None,
              spacing: str | None = None, eta: float = 0.0, seed: int = 0, class_label: int | None = None,
              guidance_scale: float = 1.0, batch_size: int | None = None, precision: str = "auto",
              progress: bool = True, callback=None) -> torch.Tensor:
-    """n images in [-1, 1] (float32, CPU) from a model returned by ddpm.train.load_model.
+    """n images in [-1, 1] (float32, CPU) from a model returned by ddpm.checkpoint.load_model.
 
-    method:      a ddpm.samplers.METHODS entry; None: the model's own (ddpm.samplers.default_sampler: DDIM for
-                 v-prediction on the cosine or linear schedule, SDE-DPM-Solver++ otherwise, at 20 steps
-                 unless `steps` says otherwise).
+    method:      a ddpm.samplers.METHODS entry; None: the model's own (ddpm.samplers.default_sampler), at its
+                 steps unless `steps` says otherwise.
     spacing:     which training timesteps the steps visit (ddpm.samplers.set_timesteps); None: the method's own.
     class_label: for a conditional model, the class of every image (None: classes 0, 1, 2, ... in turn).
     batch_size:  images per sampler call (default all n); the chunks draw from one generator in turn,
@@ -69,34 +69,25 @@ def generate(model, schedule, config, *, n: int, method: str | None = None, step
 
 def save_images(images: torch.Tensor, out, *, nrow: int | None = None) -> tuple[Path, list[Path]]:
     """Write `images` ([-1, 1]) as the grid `out` and as out-without-suffix/000.png, 001.png, ..."""
-    from torchvision.utils import save_image
-
     out = Path(out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ValueError(f"--out {out} should name an image file such as grid.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    images = (images.float().cpu() + 1) / 2
-    save_image(images, out, nrow=nrow or max(1, math.ceil(math.sqrt(len(images)))), padding=2)
+    save_grid(images, out, nrow=nrow)
     folder = out.with_suffix("")
     folder.mkdir(exist_ok=True)
     width = max(3, len(str(len(images) - 1)))
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(folder / f"{i:0{width}d}.png")
-        save_image(image, paths[-1])
+    paths = [save_grid(image[None], folder / f"{i:0{width}d}.png", padding=0) for i, image in enumerate(images)]
     return out, paths
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
-    from .train import load_model
-
     p = argparse.ArgumentParser(prog="python -m ddpm.sample", allow_abbrev=False,
                                 description="Sample a grid of images from a ddpm checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (uses its latest.pt)")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--method", default=None, choices=samplers.METHODS,
-                   help="default: the model's own, by its prediction type: ddim for v_prediction, "
-                        "dpmpp_2m_sde otherwise (20 steps)")
+                   help="default: the model's own (ddpm.samplers.default_sampler, by its prediction type and "
+                        "schedule)")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations (default: 20 with the default method; if --method is given, "
                         "ddpm all T, ddim 50, dpmpp_2m and dpmpp_2m_sde 20)")
@@ -109,7 +100,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (memory); default all")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

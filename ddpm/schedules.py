@@ -71,14 +71,8 @@ class NoiseSchedule:
         self.betas = 1 - self.alphas
         self.sqrt_alphas_cumprod = abar.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - abar).sqrt()
-        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance)  (Ho et al. eq. 6-7)
+        # Posterior variance of q(x_{t-1} | x_t, x_0): beta~_t (Ho et al. eq. 7); the samplers' "posterior" choice
         self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - abar)
-        # log of the variance with t=0 (where it is exactly 0) replaced by t=1, as improved-diffusion does.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]) if T > 1
-            else self.betas.clone())
-        self.posterior_mean_coef1 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - abar)
-        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - abar)
         # Signal-to-noise ratio abar / (1 - abar); its log is the natural axis to compare schedules on.
         self.snr_table = abar / (1 - abar)
         self.log_snr = self.snr_table.log()

@@ -1,19 +1,14 @@
-"""Training: config dataclasses, presets, the loop, resume, DDP and the command line.
+"""Training: the loop as small named steps (build, resume, one step, log, sample, save), DDP and the command line.
 
-    python -m ddpm.train --preset quick --data-root ../shared/data/flowers102-mini --out checkpoints/quick
-    python -m ddpm.train --preset flowers64 --data-root data --out checkpoints/f64 --train.lr 1e-4
-    python -m ddpm.train --out checkpoints/f64 --resume --max-steps 80000       # config from the run folder
+    python -m ddpm.train --preset quick --data-root path/to/flowers --out checkpoints/quick
+    python -m ddpm.train --preset cpu64 --data-root data --out checkpoints/cpu64 --train.epochs 60
+    python -m ddpm.train --out checkpoints/cpu64 --resume --max-steps 4000       # config from the run folder
     torchrun --nproc_per_node 4 -m ddpm.train --preset flowers128 --data-root data --out checkpoints/f128
 
-Overrides are `--section.key value` (sections: model, diffusion, train, data) or a plain `--key value`
-when only one section has that key (`--lr 2e-4` is `--train.lr 2e-4`); `--image_size 32` sets both
-model.image_size and data.image_size. Dashes and underscores are the same. Values are parsed by the
-field's type: bools as true/false, None as none, tuples as 1,2,2, dicts as JSON.
-
-From a notebook:
-    from ddpm.train import preset, train, load_model
-    result = train(preset("quick", root="../shared/data/flowers102-mini"), out_dir="checkpoints/quick")
-    model, schedule, config = load_model(result.checkpoint)        # EMA weights, eval mode
+Config keys and overrides: ddpm.config. From a notebook:
+    from ddpm.config import preset
+    from ddpm.train import train
+    result = train(preset("quick", **{"data.root": "path/to/flowers"}), out_dir="checkpoints/quick")
 
 train.batch_size is the number of images per optimizer step over all processes and micro-batches, so a
 preset means the same optimisation on one GPU or eight. A run folder holds config.json, log.jsonl,
@@ -26,345 +21,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import difflib
 import json
 import math
 import os
 import sys
 import time
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import diffusion, samplers, viz
-from .device import autocast, get_device, keep_freed_memory, seed_everything
-from .schedules import make_schedule
-from .unet import UNet, UNetConfig, unet_preset
-
-ModelConfig = UNetConfig  # the model section of a run is the UNet's own config
-
-
-# ---------------------------------------------------------------------------------------------- configs
-
-@dataclass
-class DiffusionConfig:
-    schedule: str = "cosine"            # "linear" | "cosine" | "offset_cosine"
-    timesteps: int = 1000
-    schedule_params: dict = field(default_factory=dict)  # e.g. {"beta_end": 0.02}; defaults per schedule
-    prediction_type: str = "epsilon"    # "epsilon" | "sample" | "v_prediction"
-    loss_type: str = "mse"              # "mse" | "l1" | "huber"
-    min_snr_gamma: float | None = None  # 5.0 is the paper's choice; None = plain loss
-
-    def __post_init__(self):
-        diffusion.check_prediction_type(self.prediction_type)
-        if self.loss_type not in diffusion.LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r} is not one of {diffusion.LOSS_TYPES}")
-        if self.min_snr_gamma is not None and self.loss_type != "mse":
-            raise ValueError(f"min_snr_gamma is defined for loss_type='mse' only, got loss_type={self.loss_type!r}")
-        self.make_schedule()  # fails here, with make_schedule's message, on a bad name or parameter
-
-    def make_schedule(self):
-        return make_schedule(self.schedule, self.timesteps, **self.schedule_params)
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 64                # images per optimizer step, over all processes and micro-batches
-    lr: float = 2e-4
-    weight_decay: float = 0.0           # applied to weight matrices/kernels only, not to biases and norms
-    warmup_steps: int = 500
-    lr_decay: str = "none"              # "none" | "cosine" (to min_lr_ratio * lr at max_steps)
-    min_lr_ratio: float = 0.1
-    max_steps: int = 50_000
-    grad_clip: float = 1.0              # max global grad norm; 0 = off
-    grad_accum: int = 1                 # micro-batches per step (batch_size must divide evenly)
-    ema_decay: float = 0.9995
-    ema_warmup: float = 10.0            # w of decay_t = min(ema_decay, (1 + n) / (w + n)); smaller: longer average; 0: none
-    ema_update_after_step: int = 0
-    ema_update_every: int = 1
-    precision: str = "auto"             # "auto" | "bf16" | "fp32" (see ddpm.device.autocast_dtype)
-    compile: bool = False               # torch.compile the model (slow start, faster steps on GPU)
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 2000            # 0 = never
-    sample_n: int = 64
-    sample_method: str | None = None    # None: the model's default (samplers.default_sampler)
-    sample_steps: int = 20
-    sample_guidance_scale: float = 1.0
-    checkpoint_every: int = 2000
-    keep_last: int = 3                  # step_XXXXXXX.pt files kept (0 = all)
-    conditional: bool = False           # class-conditional (Flowers102 labels); num_classes from the data
-    class_dropout: float = 0.1          # share of labels replaced by the null class (classifier-free guidance)
-    device: str = "auto"                # "auto" | "cuda" | "mps" | "cpu"
-
-    def __post_init__(self):
-        checks = {
-            "lr_decay": self.lr_decay in ("none", "cosine"),
-            "precision": self.precision in ("auto", "bf16", "fp32"),
-            "sample_method": self.sample_method is None or self.sample_method in samplers.METHODS,
-            "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "max_steps": self.max_steps >= 1, "log_every": self.log_every >= 1,
-            "checkpoint_every": self.checkpoint_every >= 1, "sample_every": self.sample_every >= 0,
-            "class_dropout": 0.0 <= self.class_dropout < 1.0, "lr": self.lr > 0,
-            "ema_decay": 0.0 <= self.ema_decay < 1.0,
-            "ema_warmup": self.ema_warmup == 0 or self.ema_warmup > 1, "warmup_steps": self.warmup_steps >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            hint = {"lr_decay": "'none' or 'cosine'", "precision": "'auto', 'bf16' or 'fp32'",
-                    "sample_method": f"none or one of {samplers.METHODS}", "class_dropout": "in [0, 1)",
-                    "ema_decay": "in [0, 1)",
-                    "ema_warmup": "0 (none) or > 1", "warmup_steps": ">= 0", "sample_every": ">= 0 (0 = never)"}
-            raise ValueError("bad train config: " + "; ".join(
-                f"{k}={getattr(self, k)!r} (expected {hint.get(k, 'a positive value')})" for k in bad))
-
-
-@dataclass
-class DataConfig:
-    source: str = "flowers102"          # "flowers102" | "folder"
-    root: str | None = None             # flowers102: the folder holding flowers-102/; folder: the images.
-                                        # None = $DATA_ROOT, else "data" (see ddpm.data.load_dataset)
-    image_size: int = 64
-    split: str = "all"                  # flowers102: "all" | "train" | "val" | "test"
-    cache_dir: str | None = None        # None = the repo's data/cache
-
-    def __post_init__(self):
-        if self.source not in ("flowers102", "folder"):
-            raise ValueError(f"data source={self.source!r} is not one of 'flowers102', 'folder'")
-
-
-SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "data": DataConfig}
-
-
-@dataclass
-class RunConfig:
-    model: ModelConfig
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def __post_init__(self):
-        for name, cls in SECTIONS.items():
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _section_from_dict(cls, value, name))
-        if self.model.image_size != self.data.image_size:
-            raise ValueError(f"model.image_size={self.model.image_size} but data.image_size={self.data.image_size}; "
-                             "set both (the plain override --image_size N does)")
-        T = self.diffusion.timesteps
-        if self.train.sample_steps > T:
-            # caught here, not at the first sample grid hours into the run
-            raise ValueError(f"train.sample_steps={self.train.sample_steps} exceeds diffusion.timesteps={T}")
-
-    def to_dict(self) -> dict:
-        return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
-        unknown = set(d) - set(SECTIONS)
-        if unknown:
-            raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
-        if "model" not in d:
-            raise ValueError("config has no 'model' section")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> RunConfig:
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
-
-    @classmethod
-    def load(cls, path) -> RunConfig:
-        return cls.from_json(Path(path).read_text())
-
-
-def _section_to_dict(section) -> dict:
-    return section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
-
-
-def _section_from_dict(cls, d: dict, name: str):
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - valid
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in config section '{name}'; valid: {', '.join(sorted(valid))}")
-    return cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)
-
-
-# ---------------------------------------------------------------------------------------------- presets
-
-def _quick_model():
-    # A tiny UNet (1.1M parameters) that learns something visible in a minute on two CPU cores.
-    return unet_preset(32, "simple", base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1)
-
-
-def preset(name: str, **overrides) -> RunConfig:
-    """A named starting config; `overrides` are {key: value} as on the command line (apply_overrides)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    return apply_overrides(PRESETS[name](), overrides) if overrides else PRESETS[name]()
-
-
-def _flowers64() -> RunConfig:
-    return RunConfig(model=unet_preset(64, "attention"), data=DataConfig(image_size=64),
-                     train=TrainConfig(batch_size=64, lr=2e-4, max_steps=50_000, warmup_steps=1000))
-
-
-def _flowers128() -> RunConfig:
-    return RunConfig(model=unet_preset(128, "attention"), data=DataConfig(image_size=128),
-                     train=TrainConfig(batch_size=32, lr=1e-4, max_steps=100_000, warmup_steps=1000))
-
-
-def _folder32() -> RunConfig:
-    # v-prediction, not epsilon: with the cosine schedule abar_999 is ~2e-9, so x0 = (x_t - s eps) / a turns any
-    # eps error at high noise into garbage that DDIM and DPM-Solver++ carry to the end. One CPU-hour each
-    # (benchmarks/quality_budget.py, README): DPM-Solver++ 20-step FID 172.8 with epsilon, 139.9 with v.
-    # Min-SNR-5 loss weights on top: DDIM-20 FID 117.7 vs 127.7, KID 63 vs 81 (x1e-3), in fewer steps.
-    # lr 8e-4, not 2e-4: DDIM-20 FID 93.6 / 98.4 (seeds 0 / 1) vs 107.6 / 112.3 at 4e-4 and 117.7 / 122.5 at
-    # 2e-4; 1.6e-3 scored 90.3 / 94.3 with 10% more steps (a faster hour of the VM), within that and the seed noise.
-    # Batch 64, not 32: 32 took 1.75x the steps in the hour and scored DDIM-20 93.3 vs 90.0 (noise is ~5).
-    # EMA warm-up 10 (TrainConfig's default): 4 averages ~1,000 updates back and scored 103.9 vs 92.5; 20 scored 91.9.
-    # Attention kept: without it 25% more steps in the hour, DDIM-20 95.8 vs 90.0, KID 43.9 vs 34.2 (x1e-3).
-    # 32 channels, not 48: 48 (8.7M params) got 1,750 steps in the hour and scored DDIM-20 96.3 vs 90.0.
-    # Two blocks per level kept: one (2.7M params) got 4,250 steps in the hour and scored 88.9 vs 90.0, KID equal.
-    # Offset-cosine, not cosine (3,000 steps each): DDIM-20 90.8 vs 90.0 (a tie), DPM-Solver++ SDE-20 83.7 vs 99.2,
-    # KID 27.1 vs 39.3 (x1e-3); linear scored 96.8 and 108.0. Seed 1: DDIM-20 92.6 vs 92.5, SDE-20 88.7 vs 105.6,
-    # so this preset samples with SDE-20 by default (samplers.default_sampler reads the schedule).
-    return RunConfig(model=unet_preset(32, "attention"), data=DataConfig(source="folder", image_size=32),
-                     diffusion=DiffusionConfig(schedule="offset_cosine", prediction_type="v_prediction",
-                                               min_snr_gamma=5.0),
-                     train=TrainConfig(batch_size=64, lr=8e-4, max_steps=20_000, sample_every=1000,
-                                       checkpoint_every=1000, ema_decay=0.999))
-
-
-def _quick() -> RunConfig:
-    # Same code path as the real presets, sized for a laptop CPU: about a minute, and the loss visibly falls
-    # (from ~1.0 to ~0.2); the samples are still blobs, which is what a minute buys.
-    return RunConfig(model=_quick_model(), data=DataConfig(image_size=32),
-                     train=TrainConfig(batch_size=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
-                                       log_every=10, sample_every=100, sample_n=16, sample_steps=20,
-                                       checkpoint_every=100, keep_last=2, precision="fp32", device="cpu"))
-
-
-PRESETS = {"flowers64": _flowers64, "flowers128": _flowers128, "folder32": _folder32, "quick": _quick}
-
-
-# ---------------------------------------------------------------------------------------------- overrides
-
-def valid_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-
-
-def _resolve_key(key: str) -> list[tuple[str, str]]:
-    key = key.lstrip("-").replace("-", "_")
-    keys = valid_keys()
-    if "." in key:
-        if key in keys:
-            return [tuple(key.split(".", 1))]
-        matches = []
-    else:
-        matches = [tuple(k.split(".", 1)) for k in keys if k.split(".", 1)[1] == key]
-        if key == "image_size":
-            return matches  # one idea, two sections: keep them equal
-        if len(matches) > 1:
-            raise ValueError(f"--{key} is ambiguous; use one of " + ", ".join(f"--{s}.{f}" for s, f in matches))
-    if not matches:
-        close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys], n=3)
-        hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-        listing = "\n  ".join(f"{name}: " + ", ".join(f.name for f in dataclasses.fields(cls))
-                               for name, cls in SECTIONS.items())
-        raise ValueError(f"unknown option --{key}{hint}; valid options are --section.key (or --key where only one "
-                         f"section has it):\n  {listing}")
-    return matches
-
-
-def _parse_value(text: str, tp, name: str):
-    """Parse a command-line string as the dataclass field type `tp` (int, float, str, bool, X | None, tuple, dict)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        return _parse_value(text, next(a for a in args if a is not type(None)), name)
-    if tp is bool:
-        if text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        raise ValueError(f"--{name} {text!r}: expected true or false")
-    if tp is tuple or origin is tuple:
-        items = [t.strip() for t in text.strip("()[] ").split(",") if t.strip()]
-        return tuple(_parse_value(t, args[0] if args else str, name) for t in items)
-    if tp is dict or origin is dict:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = None
-        if not isinstance(value, dict):
-            raise ValueError(f"--{name} {text!r}: expected a JSON object like '{{\"beta_end\": 0.02}}'")
-        return value
-    if tp in (int, float):
-        try:
-            return tp(text)
-        except ValueError:
-            raise ValueError(f"--{name} {text!r}: expected {tp.__name__}") from None
-    return text
-
-
-def parse_override_args(tokens: list[str]) -> dict[str, str]:
-    """['--train.lr', '2e-4', '--seed=3'] -> {'train.lr': '2e-4', 'seed': '3'}."""
-    out, i = {}, 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or token == "--":
-            raise ValueError(f"unexpected argument {token!r}; options look like --train.lr 2e-4")
-        if "=" in token:
-            key, value = token[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ValueError(f"{token} needs a value (bools take true/false)")
-            key, value = token[2:], tokens[i + 1]
-            i += 2
-        out[key] = value
-    return out
-
-
-def apply_overrides(config: RunConfig, overrides: dict) -> RunConfig:
-    """A new RunConfig with {key: value} applied; keys as on the command line, values strings or Python values."""
-    d = config.to_dict()
-    for key, value in overrides.items():
-        for section, name in _resolve_key(key):
-            if isinstance(value, str):
-                hints = typing.get_type_hints(SECTIONS[section])
-                value_ = _parse_value(value, hints[name], f"{section}.{name}")
-            else:
-                value_ = value
-            d[section][name] = list(value_) if isinstance(value_, tuple) else value_
-    return RunConfig.from_dict(d)
+from . import diffusion, viz
+from .config import PRESETS, RunConfig, TrainConfig, apply_overrides, parse_override_args
+from .device import autocast, describe_precision, get_device, keep_freed_memory, needs_grad_scaler, seed_everything
+from .ema import EMA
+from .sample import generate
+from .unet import UNet, preferred_memory_format, set_norm_path
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant or cosine decay.
-
-    Derived from the step alone, so resuming needs no scheduler state.
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, cosine or linear
+    decay to min_lr_ratio * lr at max_steps. Derived from the step alone, so resuming needs no scheduler state.
     """
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     if tc.lr_decay == "none":
         return tc.lr
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if tc.lr_decay == "cosine" else 1.0 - progress
     min_lr = tc.lr * tc.min_lr_ratio
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - min_lr)
+    return min_lr + shape * (tc.lr - min_lr)
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -380,8 +70,13 @@ def optimizer_impl(device: torch.device | str) -> dict:
     return {"fused": None, "foreach": True} if torch.device(device).type == "mps" else {"fused": True, "foreach": None}
 
 
+def use_compile(tc: TrainConfig, device: torch.device) -> bool:
+    """train.compile, or by default on CUDA only: the benchmarks measured torch.compile slower on the CPU."""
+    return device.type == "cuda" if tc.compile is None else tc.compile
+
+
 @dataclass
-class _Dist:
+class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -399,12 +94,19 @@ class _Dist:
         if self.enabled:
             dist.barrier()
 
+    def gather(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
-def _setup_dist(device_pref: str) -> tuple[_Dist, torch.device]:
+
+def setup_dist(device_pref: str) -> tuple[DistInfo, torch.device]:
     """DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return _Dist(), get_device(device_pref)
+        return DistInfo(), get_device(device_pref)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # the rank itself comes from the process group
     device = get_device(device_pref)
     if device.type == "cuda":
@@ -416,15 +118,48 @@ def _setup_dist(device_pref: str) -> tuple[_Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         created = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, created), device
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, created), device
 
 
-def _gather(obj, d: _Dist) -> list:
-    if not d.enabled:
-        return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
+def resolve_config(cfg: RunConfig, dataset, world_size: int) -> RunConfig:
+    """The config as the run will use it, fixed once before building: num_classes from the data for a
+    conditional run, and epoch settings turned into steps (one epoch = one pass of every rank's shard)."""
+    tc = cfg.train
+    if tc.conditional and cfg.model.num_classes is None:
+        if dataset.num_classes is None:
+            raise ValueError(f"train.conditional=true needs class labels, but the {cfg.data.source} data at "
+                             f"{cfg.data.root} has none; use --train.conditional false")
+        cfg = apply_overrides(cfg, {"model.num_classes": dataset.num_classes})
+    elif not tc.conditional and cfg.model.num_classes is not None:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but train.conditional=false; set "
+                         "--train.conditional true, or --model.num_classes none for an unconditional model")
+    micro = tc.batch_size // (world_size * tc.grad_accum)
+    steps_per_epoch = max(1, (len(dataset) // world_size) // micro // tc.grad_accum)
+    return RunConfig(model=cfg.model, diffusion=cfg.diffusion, train=cfg.train.in_steps(steps_per_epoch),
+                     data=cfg.data)
+
+
+def check_batch_split(tc: TrainConfig, world_size: int) -> int:
+    """Images per micro-batch on each process."""
+    per_rank = tc.batch_size // (world_size * tc.grad_accum)
+    if per_rank < 1 or per_rank * world_size * tc.grad_accum != tc.batch_size:
+        raise ValueError(f"batch_size={tc.batch_size} must divide evenly into world_size={world_size} x "
+                         f"grad_accum={tc.grad_accum} micro-batches")
+    return per_rank
+
+
+def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint whose model, diffusion or data stream differs; mention changed training settings."""
+    current = cfg.to_dict()
+    ckpt.check_compatible(saved["model"], current["model"], what="model config", source=path)
+    ckpt.check_compatible(saved["diffusion"], current["diffusion"], what="diffusion config", source=path)
+    data_keys = ("source", "image_size", "split")
+    ckpt.check_compatible({k: saved["data"].get(k) for k in data_keys}, {k: current["data"][k] for k in data_keys},
+                          what="data config", source=path)
+    changed = ckpt.config_differences(saved["train"], current["train"], prefix="train.")
+    if changed:
+        print("resuming with changed training settings (the run will not repeat exactly):\n  "
+              + "\n  ".join(changed), file=sys.stderr)
 
 
 def _read_history(path: Path, upto: int) -> list[dict]:
@@ -434,48 +169,13 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto]
 
 
-def build_model(config: RunConfig) -> UNet:
-    return UNet(config.model)
-
-
-def load_model(ckpt_path, *, use_ema: bool = True, device=None):
-    """(model in eval mode, NoiseSchedule, RunConfig) from a checkpoint file or a run folder (its latest)."""
-    return model_from_state(ckpt.load_checkpoint(ckpt_path), use_ema=use_ema, device=device)
-
-
-def model_from_state(state: dict, *, use_ema: bool = True, device=None):
-    """load_model's work on a checkpoint already read by checkpoint.load_checkpoint (for its step, say)."""
-    config = RunConfig.from_dict(state["config"])
-    model = build_model(config)
-    model.load_state_dict(state["model"])
-    if use_ema:
-        from .ema import EMA
-
-        ema = EMA(model, decay=config.train.ema_decay)
-        ema.load_state_dict(state["ema"])
-        model.load_state_dict(ema.shadow_state_dict())
-    model.to(get_device(device)).eval()
-    return model, config.diffusion.make_schedule(), config
-
-
-def save_sample_grid(images: torch.Tensor, path, *, nrow: int | None = None) -> Path:
-    """Images in [-1, 1] as one PNG grid."""
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
-    save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2)
-    return path
-
-
 @dataclass
 class TrainResult:
     step: int                      # the last step trained
     run_dir: Path
     checkpoint: Path | None        # the newest checkpoint (run_dir/latest.pt)
     config: RunConfig
-    history: list[dict]            # the loss log rows: step, loss, lr, grad_norm, images_per_s, elapsed_s
+    history: list[dict]            # the loss log rows: step, epoch, loss, lr, grad_norm, images_per_s, elapsed_s, cpu_s
     samples: list[Path]            # sample grids written by this call
     log_path: Path | None
     plot_path: Path | None
@@ -493,260 +193,348 @@ def train(config: RunConfig, *, out_dir, resume: bool = False, max_steps: int | 
           progress: bool = True) -> TrainResult:
     """Train `config`, writing checkpoints, samples and logs to `out_dir`.
 
-    resume:    continue from out_dir's newest checkpoint (model, EMA, optimizer, RNG, data position), so
-               N steps + resume + N steps equals 2N steps straight. Without it, out_dir must hold no
-               checkpoints yet.
-    max_steps: stop after this many total steps (default config.train.max_steps). The LR schedule
-               still follows config.train.max_steps, so stopping early and resuming changes nothing.
-    callback:  callback(step, info) on each log step (rank 0): info is the loss-log row (step, loss, lr,
-               grad_norm, images_per_s, elapsed_s) plus "run_dir" (e.g. ddpm.viz.TrainingMonitor()).
+    resume:    continue from out_dir's newest checkpoint (model, EMA, optimizer, grad scaler, RNG, data
+               position), so N steps + resume + N steps equals 2N steps straight. Without it, out_dir must
+               hold no checkpoints yet.
+    max_steps: stop after this many total steps (default config.train.max_steps, or train.epochs' worth).
+               The LR schedule still follows the config, so stopping early and resuming changes nothing.
+    callback:  callback(step, info) on each log step (rank 0): info is the loss-log row plus "run_dir"
+               (e.g. ddpm.viz.TrainingMonitor()).
     Under torchrun (WORLD_SIZE > 1) this runs DDP; only rank 0 writes files.
     """
-    d, device = _setup_dist(config.train.device)
+    d, device = setup_dist(config.train.device)
     try:
-        return _train(RunConfig.from_dict(config.to_dict()), Path(out_dir), resume=resume, stop=max_steps,
-                      callback=callback, progress=progress, d=d, device=device)
+        loop = TrainLoop(RunConfig.from_dict(config.to_dict()), Path(out_dir), d=d, device=device,
+                         callback=callback, progress=progress)
+        loop.start(resume)
+        return loop.run(max_steps)
     finally:
         if d.created and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
-    """Refuse a checkpoint whose model, diffusion or data stream differs; mention changed training settings."""
-    current = cfg.to_dict()
-    ckpt.check_compatible(saved["model"], current["model"], what="model config", source=path)
-    ckpt.check_compatible(saved["diffusion"], current["diffusion"], what="diffusion config", source=path)
-    data_keys = ("source", "image_size", "split")
-    ckpt.check_compatible({k: saved["data"].get(k) for k in data_keys}, {k: current["data"][k] for k in data_keys},
-                          what="data config", source=path)
-    changed = ckpt.config_differences(saved["train"], current["train"], prefix="train.")
-    if changed:
-        print("resuming with changed training settings (the run will not repeat exactly):\n  "
-              + "\n  ".join(changed), file=sys.stderr)
+class TrainLoop:
+    """One training run, as improved-diffusion's TrainLoop: start() builds or resumes, run() steps."""
 
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, d: DistInfo, device: torch.device, callback=None,
+                 progress: bool = True):
+        if cfg.data.source == "folder" and cfg.data.root is None:
+            raise ValueError("data.source='folder' needs the image folder: pass --data-root PATH (data.root)")
+        self.cfg, self.run_dir, self.d, self.device = cfg, run_dir, d, device
+        self.callback, self.progress = callback, progress
+        self.per_rank = check_batch_split(cfg.train, d.world_size)
+        self.log_path, self.plot_path = run_dir / "log.jsonl", run_dir / "loss.png"
+        self.step, self.history, self.samples = 0, [], []
+        self.compile_s = None
 
-def _train(cfg: RunConfig, run_dir: Path, *, resume, stop, callback, progress, d: _Dist, device) -> TrainResult:
-    from tqdm.auto import tqdm
+    # -- build and resume
 
-    from .data import BatchStream, load_dataset
-    from .ema import EMA
+    def start(self, resume: bool) -> None:
+        state, path = self._find_state(resume)
+        dataset = self._load_data()
+        self.cfg = resolve_config(self.cfg, dataset, self.d.world_size)
+        if state is not None:
+            _check_resumable(state["config"], self.cfg, path)
+        self._build(dataset)
+        if state is not None:
+            self._restore(state)
+        elif self.d.enabled:
+            seed_everything(self.cfg.train.seed + self.d.rank)  # timesteps/noise differ per rank; weights from rank 0
+        self._open_log()
+        if self.d.main:
+            print(f"training on {self.device}: {describe_precision(self.device, self.cfg.train.precision)}"
+                  f"{', torch.compile' if use_compile(self.cfg.train, self.device) else ''}", file=sys.stderr)
 
-    tc, dc = cfg.train, cfg.data
-    if dc.source == "folder" and dc.root is None:
-        raise ValueError("data.source='folder' needs the image folder: pass --data-root PATH (data.root)")
-    stop = tc.max_steps if stop is None else int(stop)
-    per_rank = tc.batch_size // (d.world_size * tc.grad_accum)
-    if per_rank * d.world_size * tc.grad_accum != tc.batch_size:
-        raise ValueError(f"batch_size={tc.batch_size} must divide evenly into world_size={d.world_size} x "
-                         f"grad_accum={tc.grad_accum} micro-batches")
-
-    # Resume: every rank reads the same checkpoint.
-    state, ckpt_path = None, None
-    if resume:
-        ckpt_path = ckpt.find_latest(run_dir)
-        if ckpt_path is None:
-            raise FileNotFoundError(f"resume asked for, but {run_dir} holds no checkpoint (latest.pt or "
+    def _find_state(self, resume: bool) -> tuple[dict | None, Path | None]:
+        latest = ckpt.find_latest(self.run_dir)
+        if not resume:
+            if latest is not None:
+                raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume (resume=True) to "
+                                      "continue that run, or choose a new --out folder")
+            return None, None
+        if latest is None:
+            raise FileNotFoundError(f"resume asked for, but {self.run_dir} holds no checkpoint (latest.pt or "
                                     "step_XXXXXXX.pt); start without --resume")
-        state = ckpt.load_checkpoint(ckpt_path)
-    elif ckpt.find_latest(run_dir) is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume (resume=True) to continue "
-                              "that run, or choose a new --out folder")
+        return ckpt.load_checkpoint(latest), latest  # every rank reads the same checkpoint
 
-    # Data: rank 0 builds the uint8 cache first so ranks never race on writing it.
-    def _load():
-        return load_dataset(dc.source, dc.root, image_size=dc.image_size, split=dc.split, cache_dir=dc.cache_dir)
-    if d.main:
-        dataset = _load()
-    d.barrier()
-    if not d.main:
-        dataset = _load()
+    def _load_data(self):
+        from .data import load_dataset
 
-    if tc.conditional and cfg.model.num_classes is None:
-        if dataset.num_classes is None:
-            raise ValueError(f"train.conditional=true needs class labels, but the {dc.source} data at {dc.root} "
-                             "has none; use --train.conditional false")
-        cfg = apply_overrides(cfg, {"model.num_classes": dataset.num_classes})
-    elif not tc.conditional and cfg.model.num_classes is not None:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but train.conditional=false; set "
-                         "--train.conditional true, or --model.num_classes none for an unconditional model")
-    if state is not None:
-        _check_resumable(state["config"], cfg, ckpt_path)
+        dc = self.cfg.data
+        def load():
+            return load_dataset(dc.source, dc.root, image_size=dc.image_size, split=dc.split, cache_dir=dc.cache_dir)
+        dataset = load() if self.d.main else None  # rank 0 builds the uint8 cache first: no race on writing it
+        self.d.barrier()
+        return dataset if dataset is not None else load()
 
-    schedule = cfg.diffusion.make_schedule()
-    seed_everything(tc.seed)
-    # channels_last: the layout the UNet is tuned for (conv kernels, its GroupNorm, copy-free attention)
-    raw_model = build_model(cfg).to(device, memory_format=torch.channels_last)
-    ema = EMA(raw_model, decay=tc.ema_decay, update_after_step=tc.ema_update_after_step,
-              update_every=tc.ema_update_every, warmup=tc.ema_warmup)
-    optimizer = make_optimizer(raw_model, tc, device)
-    stream = BatchStream(dataset, per_rank, seed=tc.seed, rank=d.rank, world_size=d.world_size, device=device)
-    step = 0
-    if state is not None:
-        raw_model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        # the EMA settings of this run win over the checkpoint's (a change was reported above)
-        ema.decay, ema.update_after_step, ema.update_every = tc.ema_decay, tc.ema_update_after_step, tc.ema_update_every
-        ema.warmup = tc.ema_warmup
+    def _build(self, dataset) -> None:
+        from .data import BatchStream
+
+        cfg, tc, device = self.cfg, self.cfg.train, self.device
+        self.schedule = cfg.diffusion.make_schedule()
+        seed_everything(tc.seed)
+        self.raw_model = UNet(cfg.model)
+        set_norm_path(self.raw_model, device)  # the CPU's fused GroupNorm node, or the plain modules on CUDA/MPS
+        self.raw_model.to(device, memory_format=preferred_memory_format(device))
+        self.ema = EMA(self.raw_model, decay=tc.ema_decay, update_after_step=tc.ema_update_after_step,
+                       update_every=tc.ema_update_every, warmup=tc.ema_warmup)
+        self.optimizer = make_optimizer(self.raw_model, tc, device)
+        # fp16 needs loss scaling (its range ends at 65504); bf16 and fp32 do not, and a disabled scaler is a no-op
+        self.scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, tc.precision))
+        self.stream = BatchStream(dataset, self.per_rank, seed=tc.seed, rank=self.d.rank,
+                                  world_size=self.d.world_size, device=device)
+        self.model = self.ddp_model = self.raw_model
+        if self.d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = self.ddp_model = DDP(self.raw_model, device_ids=ids)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # training shapes are fixed: pick the fastest conv once
+        if use_compile(tc, device):
+            self.model = torch.compile(self.model)
+
+    def _restore(self, state: dict) -> None:
+        tc, d = self.cfg.train, self.d
+        self.raw_model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        # the EMA settings of this run win over the checkpoint's (a change was reported)
+        self.ema.decay, self.ema.update_after_step = tc.ema_decay, tc.ema_update_after_step
+        self.ema.update_every, self.ema.warmup = tc.ema_update_every, tc.ema_warmup
         # The checkpoint may come from another device type: its fused/foreach flags must be this device's
-        # *before* loading, because load_state_dict places the `step` counters by them (a CPU-made state
-        # loaded as is on CUDA leaves them on the CPU and fused AdamW then fails on a device mismatch).
+        # *before* loading, because load_state_dict places the `step` counters by them.
         for g in state["optimizer"]["param_groups"]:
-            g.update(optimizer_impl(device))
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+            g.update(optimizer_impl(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
         try:  # the exact data position and RNG draws, where this run has the same shape as the saved one
             if int(state.get("world_size", 1)) != d.world_size:
                 raise ValueError(f"the checkpoint was made on {state.get('world_size')} process(es), "
                                  f"this run has {d.world_size}")
-            stream.load_state_dict(state["data"][d.rank])
+            self.stream.load_state_dict(state["data"][d.rank])
             ckpt.restore_rng_state(state["rng"][d.rank])
         except ValueError as err:
             print(f"resuming approximately ({err}): the data order and noise draws will differ from an "
                   "uninterrupted run", file=sys.stderr)
-            stream.seek(step * tc.grad_accum)
-            seed_everything(tc.seed + 1000 * step + d.rank)
-    elif d.enabled:
-        seed_everything(tc.seed + d.rank)  # different timesteps/noise per rank; weights come from rank 0 via DDP
-    del state
+            self.stream.seek(self.step * tc.grad_accum)
+            seed_everything(tc.seed + 1000 * self.step + d.rank)
 
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
-    log_path, plot_path = run_dir / "log.jsonl", run_dir / "loss.png"
-    history = _read_history(log_path, step) if d.main else []
-    if d.main:
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))  # drop rows past the checkpoint
+    def _open_log(self) -> None:
+        if not self.d.main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.run_dir / "config.json")
+        self.history = _read_history(self.log_path, self.step)
+        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))  # drop rows past the ckpt
 
-    model = ddp_model = raw_model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # -- the hot loop: no host-device sync except at log, checkpoint and sample steps
 
-        model = ddp_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        model = torch.compile(model)
-    null_class = getattr(raw_model, "null_class", None)
+    def run(self, stop: int | None = None) -> TrainResult:
+        from tqdm.auto import tqdm
 
-    def save(at_step: int) -> Path | None:
-        if not bool(torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()):
-            raise FloatingPointError(f"the weights became non-finite by step {at_step} (the loss was still finite: "
-                                     f"exploding gradients? lower train.lr or set train.grad_clip); not saving. "
-                                     f"The last good checkpoint is {ckpt.find_latest(run_dir)}")
-        rng = _gather(ckpt.capture_rng_state(), d)
-        data = _gather(stream.state_dict(), d)
-        if not d.main:
-            return None
-        state = {"format": 1, "version": ckpt.package_version(), "step": at_step, "config": cfg.to_dict(),
-                 "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": None, "lr": lr_at(max(at_step - 1, 0), tc), "rng": rng, "data": data,
-                 "world_size": d.world_size}
-        return ckpt.save_run_checkpoint(run_dir, state, step=at_step, keep_last=tc.keep_last)
-
-    sample_paths = []
-    sample_method = tc.sample_method or samplers.default_sampler(cfg.diffusion.prediction_type, cfg.diffusion.schedule)[0]
-
-    def write_samples(at_step: int) -> None:
-        n = tc.sample_n
-        y = torch.arange(n) % cfg.model.num_classes if cfg.model.num_classes else None
-        gen = torch.Generator().manual_seed(tc.seed)  # the same start noise every time: frames are comparable
-        with ema.swapped_in(), autocast(device, tc.precision):
-            images = samplers.sample(raw_model, schedule, (n, cfg.model.in_channels, dc.image_size, dc.image_size),
-                                     method=sample_method, steps=tc.sample_steps, generator=gen, y=y,
-                                     guidance_scale=tc.sample_guidance_scale if y is not None else 1.0,
-                                     prediction_type=cfg.diffusion.prediction_type, progress=False, device=device)
-        sample_paths.append(save_sample_grid(images, run_dir / "samples" / f"step_{at_step:07d}.png"))
-
-    # The hot loop: no host-device sync except at log/checkpoint/sample steps.
-    raw_model.train()
-    loss_sum = torch.zeros((), device=device)
-    nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)
-    grad_norm = torch.zeros((), device=device)
-    last_sync_step, last_sync_time, start_time = step, time.perf_counter(), time.perf_counter()
-    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
-    bar = tqdm(total=stop, initial=step, desc="train", disable=not (progress and d.main), dynamic_ncols=True)
-    dt = cfg.diffusion
-    try:
-        while step < stop:
-            lr = lr_at(step, tc)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                x, y = next(stream)
-                x = x.contiguous(memory_format=torch.channels_last)  # as the model's weights
-                if tc.conditional:
-                    y = y.to(device)
-                    if tc.class_dropout > 0:  # drop labels to the null class: teaches the unconditional model too
-                        drop = torch.rand(y.shape, device=device) < tc.class_dropout
-                        y = torch.where(drop, torch.full_like(y, null_class), y)
+        tc = self.cfg.train
+        stop = tc.max_steps if stop is None else int(stop)
+        self.raw_model.train()
+        self._reset_counters()
+        bar = tqdm(total=stop, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.d.main))
+        try:
+            while self.step < stop:
+                if self.compile_s is None:
+                    self._timed_first_step()
                 else:
-                    y = None
-                # gradients are all-reduced only on the last micro-batch of a step
-                no_sync = ddp_model.no_sync() if d.enabled and micro < tc.grad_accum - 1 else contextlib.nullcontext()
-                with no_sync:
-                    with autocast(device, tc.precision):
-                        loss = diffusion.training_loss(model, schedule, x, y=y, prediction_type=dt.prediction_type,
-                                                       loss_type=dt.loss_type, min_snr_gamma=dt.min_snr_gamma)
-                    (loss / tc.grad_accum).backward()
-                step_loss += loss.detach()
-            step_loss /= tc.grad_accum
-            if tc.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update()
-            step += 1
-            loss_sum += step_loss
-            nonfinite_at = torch.where(torch.isfinite(step_loss) | (nonfinite_at >= 0), nonfinite_at,
-                                       torch.full_like(nonfinite_at, step))
-            bar.update(1)
+                    self.train_step()
+                bar.update(1)
+                do_ckpt = self.step % tc.checkpoint_every == 0 or self.step == stop
+                do_sample = tc.sample_every > 0 and (self.step % tc.sample_every == 0 or self.step == stop)
+                if self.step % tc.log_every == 0 or do_ckpt or do_sample:
+                    self._log(bar)
+                    self._save_and_sample(do_ckpt, do_sample)
+        finally:
+            bar.close()
+        self.d.barrier()
+        d = self.d
+        return TrainResult(step=self.step, run_dir=self.run_dir, checkpoint=ckpt.find_latest(self.run_dir),
+                           config=self.cfg, history=self.history, samples=self.samples,
+                           log_path=self.log_path if d.main else None,
+                           plot_path=self.plot_path if d.main and self.plot_path.exists() else None,
+                           model=self.raw_model, ema=self.ema)
 
-            do_ckpt = step % tc.checkpoint_every == 0 or step == stop
-            do_sample = tc.sample_every > 0 and (step % tc.sample_every == 0 or step == stop)
-            if not (step % tc.log_every == 0 or do_ckpt or do_sample):
-                continue
-            # Sync point: average the loss over the steps since the last one (and over ranks).
-            stats = torch.stack([loss_sum.float(), grad_norm.float().reshape(())])
-            bad = nonfinite_at.clone()
-            if d.enabled:
-                dist.all_reduce(stats)
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                stats /= d.world_size
-            bad = int(bad)
-            if bad >= 0:
-                raise FloatingPointError(
-                    f"the training loss became non-finite at step {bad}; stopping. The last good checkpoint is "
-                    f"{ckpt.find_latest(run_dir)}. Lower train.lr, set train.grad_clip, or use precision=fp32.")
-            now = time.perf_counter()
-            n_steps = step - last_sync_step
-            loss_mean, gnorm = stats[0].item() / n_steps, stats[1].item()
-            row = {"step": step, "loss": loss_mean, "lr": lr, "grad_norm": gnorm if tc.grad_clip > 0 else None,
-                   "images_per_s": n_steps * tc.batch_size / max(now - last_sync_time, 1e-9),
-                   "elapsed_s": elapsed_before + now - start_time}
-            loss_sum.zero_()
-            last_sync_step = step
-            if d.main:
-                history.append(row)
-                with log_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
-                if callback is not None:
-                    callback(step, {**row, "run_dir": run_dir})
-            if do_ckpt:
-                save(step)
-            if do_sample and d.main:
-                write_samples(step)
-            if (do_ckpt or do_sample) and d.main:
-                viz.loss_figure(history).savefig(plot_path)
-            last_sync_time = time.perf_counter()  # images/s counts training, not checkpoint or sampling time
-    finally:
-        bar.close()
-    d.barrier()
-    return TrainResult(step=step, run_dir=run_dir, checkpoint=ckpt.find_latest(run_dir), config=cfg,
-                       history=history, samples=sample_paths, log_path=log_path if d.main else None,
-                       plot_path=plot_path if d.main and plot_path.exists() else None, model=raw_model, ema=ema)
+    def _reset_counters(self) -> None:
+        device = self.device
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)  # steps the fp16 scaler skipped
+        self.nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        self.last_sync_step, self.last_sync_time = self.step, time.perf_counter()
+        self.start_time, self.start_cpu = time.perf_counter(), time.process_time()
+        last = self.history[-1] if self.history else {}
+        self.elapsed_before, self.cpu_before = last.get("elapsed_s", 0.0), last.get("cpu_s", 0.0)
+
+    def _timed_first_step(self) -> None:
+        """The first step, timed: under torch.compile it is where the compiling happens, and the log says so."""
+        from .device import synchronize
+
+        t0 = time.perf_counter()
+        self.train_step()
+        synchronize(self.device)
+        self.compile_s = time.perf_counter() - t0
+        if use_compile(self.cfg.train, self.device) and self.d.main:
+            print(f"torch.compile: the first step took {self.compile_s:.1f} s (compiling)", file=sys.stderr)
+
+    def train_step(self) -> None:
+        """One optimizer step over grad_accum micro-batches, with loss scaling under fp16, clipping and the EMA."""
+        tc, dt = self.cfg.train, self.cfg.diffusion
+        lr = lr_at(self.step, tc)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum):
+            x, y = self._next_batch()
+            # gradients are all-reduced only on the last micro-batch of a step
+            last = micro == tc.grad_accum - 1
+            no_sync = self.ddp_model.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
+            with no_sync:
+                with autocast(self.device, tc.precision):
+                    loss = diffusion.training_loss(self.model, self.schedule, x, y=y,
+                                                   prediction_type=dt.prediction_type, loss_type=dt.loss_type,
+                                                   min_snr_gamma=dt.min_snr_gamma)
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            step_loss += loss.detach()
+        self._optimizer_step()
+        self.step += 1
+        step_loss /= tc.grad_accum
+        self.loss_sum += step_loss
+        first_bad = torch.isfinite(step_loss) | (self.nonfinite_at >= 0)
+        self.nonfinite_at = torch.where(first_bad, self.nonfinite_at, torch.full_like(self.nonfinite_at, self.step))
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tc = self.cfg.train
+        x, y = next(self.stream)
+        x = x.contiguous(memory_format=preferred_memory_format(self.device))  # as the model's weights
+        if not tc.conditional:
+            return x, None
+        if tc.class_dropout > 0:  # drop labels to the null class: teaches the unconditional model too
+            drop = torch.rand(y.shape, device=self.device) < tc.class_dropout
+            y = torch.where(drop, torch.full_like(y, self.raw_model.null_class), y)
+        return x, y
+
+    def _optimizer_step(self) -> None:
+        tc = self.cfg.train
+        scaling = self.scaler.is_enabled()
+        if tc.grad_clip > 0 or scaling:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            # With the scaler on, the norm is also how a skipped step is seen without a sync: the scaler skips
+            # exactly the steps whose gradients hold an inf or NaN, which makes the norm non-finite.
+            max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+            if scaling:
+                self.skipped += (~torch.isfinite(self.grad_norm)).long()
+        self.scaler.step(self.optimizer)  # a plain optimizer.step() when the scaler is off
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+
+    def _log(self, bar) -> None:
+        """Sync point: the loss averaged over the steps since the last one (and over ranks), one log row."""
+        d, tc = self.d, self.cfg.train
+        stats = torch.stack([self.loss_sum.float(), self.grad_norm.float().reshape(()), self.skipped.float()])
+        bad = self.nonfinite_at.clone()
+        if d.enabled:
+            dist.all_reduce(stats)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            stats /= d.world_size
+        if int(bad) >= 0:
+            raise FloatingPointError(
+                f"the training loss became non-finite at step {int(bad)}; stopping. The last good checkpoint is "
+                f"{ckpt.find_latest(self.run_dir)}. Lower train.lr, set train.grad_clip, or use precision=fp32.")
+        now = time.perf_counter()
+        n_steps = self.step - self.last_sync_step
+        row = {"step": self.step, "epoch": round(self.stream.step / self.stream.batches_per_epoch, 4),
+               "loss": stats[0].item() / n_steps, "lr": lr_at(self.step - 1, tc),
+               "grad_norm": stats[1].item() if tc.grad_clip > 0 else None,
+               "images_per_s": n_steps * tc.batch_size / max(now - self.last_sync_time, 1e-9),
+               "elapsed_s": self.elapsed_before + now - self.start_time,
+               "cpu_s": self.cpu_before + time.process_time() - self.start_cpu}  # the cost on a shared machine
+        if self.scaler.is_enabled():
+            row.update(skipped_steps=int(stats[2].item()), loss_scale=self.scaler.get_scale())
+        if self.compile_s is not None and use_compile(tc, self.device) and len(self.history) == 0:
+            row["compile_s"] = self.compile_s
+        self.loss_sum.zero_()
+        self.skipped.zero_()
+        self.last_sync_step = self.step
+        if d.main:
+            self.history.append(row)
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{row['loss']:.4f}",
+                            img_s=f"{row['images_per_s']:.0f}", refresh=False)
+            if self.callback is not None:
+                self.callback(self.step, {**row, "run_dir": self.run_dir})
+
+    def _save_and_sample(self, do_ckpt: bool, do_sample: bool) -> None:
+        if do_ckpt:
+            self.save()
+        if do_sample and self.d.main:
+            self.write_samples()
+        if (do_ckpt or do_sample) and self.d.main:
+            viz.loss_figure(self.history).savefig(self.plot_path)
+        self.last_sync_time = time.perf_counter()  # images/s counts training, not checkpoint or sampling time
+
+    # -- outputs
+
+    def write_samples(self) -> Path:
+        """An EMA sample grid through the same generate() users call, from the same start noise every time
+        (the run's seed), so the grids of a run are frames of one progression."""
+        tc = self.cfg.train
+        with self.ema.swapped_in():
+            images = generate(self.raw_model, self.schedule, self.cfg, n=tc.sample_n, method=tc.sample_method,
+                              steps=tc.sample_steps, seed=tc.seed, precision=tc.precision, progress=False,
+                              guidance_scale=tc.sample_guidance_scale if self.cfg.model.num_classes else 1.0)
+        path = viz.save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+        self.samples.append(path)
+        return path
+
+    def save(self) -> Path | None:
+        """A checkpoint of everything resume needs (rank 0 writes it, atomically)."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.raw_model.parameters()]).all()):
+            raise FloatingPointError(f"the weights became non-finite by step {self.step} (the loss was still finite: "
+                                     f"exploding gradients? lower train.lr or set train.grad_clip); not saving. "
+                                     f"The last good checkpoint is {ckpt.find_latest(self.run_dir)}")
+        rng = self.d.gather(ckpt.capture_rng_state())
+        data = self.d.gather(self.stream.state_dict())
+        if not self.d.main:
+            return None
+        state = {"format": 1, "version": ckpt.package_version(), "step": self.step, "config": self.cfg.to_dict(),
+                 "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "lr": lr_at(max(self.step - 1, 0), self.cfg.train), "rng": rng, "data": data,
+                 "world_size": self.d.world_size}
+        return ckpt.save_run_checkpoint(self.run_dir, state, step=self.step, keep_last=self.cfg.train.keep_last)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
+def _config_from_args(args, rest: list[str]) -> RunConfig:
+    overrides = parse_override_args(rest)
+    if args.data_root is not None:
+        overrides["data.root"] = args.data_root
+    if args.max_steps is not None:
+        overrides["train.max_steps"] = str(args.max_steps)
+    if args.epochs is not None:
+        overrides["train.epochs"] = str(args.epochs)
+    if args.preset is not None:
+        config = PRESETS[args.preset]()
+    elif args.resume and (Path(args.out) / "config.json").is_file():
+        config = RunConfig.load(Path(args.out) / "config.json")
+    elif args.resume and ckpt.find_latest(args.out) is not None:
+        config = RunConfig.from_dict(ckpt.load_checkpoint(ckpt.find_latest(args.out))["config"])
+    else:
+        raise ValueError("--preset is required for a new run (one of " + ", ".join(PRESETS) + ")")
+    return apply_overrides(config, overrides)
+
 
 def main(argv: list[str] | None = None) -> TrainResult:
     parser = argparse.ArgumentParser(
@@ -758,25 +546,13 @@ def main(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--data-root", help="sets data.root: the torchvision root for flowers102, or the image folder")
     parser.add_argument("--out", required=True, help="run folder: checkpoints, samples, log.jsonl, loss.png")
     parser.add_argument("--max-steps", type=int, help="sets train.max_steps")
+    parser.add_argument("--epochs", type=float, help="sets train.epochs: passes over the data instead of max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     args, rest = parser.parse_known_args(argv)
     try:
-        overrides = parse_override_args(rest)
-        if args.data_root is not None:
-            overrides["data.root"] = args.data_root
-        if args.max_steps is not None:
-            overrides["train.max_steps"] = str(args.max_steps)
-        if args.preset is not None:
-            config = PRESETS[args.preset]()
-        elif args.resume and (Path(args.out) / "config.json").is_file():
-            config = RunConfig.load(Path(args.out) / "config.json")
-        elif args.resume and ckpt.find_latest(args.out) is not None:
-            config = RunConfig.from_dict(ckpt.load_checkpoint(ckpt.find_latest(args.out))["config"])
-        else:
-            raise ValueError("--preset is required for a new run (one of " + ", ".join(PRESETS) + ")")
-        config = apply_overrides(config, overrides)
+        config = _config_from_args(args, rest)
     except ValueError as err:
         parser.error(str(err))
     if args.print_config:
@@ -788,8 +564,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     except (ckpt.CheckpointError, FileExistsError, FileNotFoundError, FloatingPointError) as err:
         sys.exit(f"error: {err}")  # the message says what to do; a traceback would only bury it
     if result.log_path is not None:
-        print(f"step {result.step}: last loss {result.history[-1]['loss'] if result.history else float('nan'):.4f}; "
-              f"checkpoint {result.checkpoint}")
+        last = result.history[-1]["loss"] if result.history else float("nan")
+        print(f"step {result.step}: last loss {last:.4f}; checkpoint {result.checkpoint}")
     return result
 
 

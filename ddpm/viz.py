@@ -47,9 +47,9 @@ def to_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2) 
     return make_grid(images, nrow=nrow, padding=padding, pad_value=1.0)
 
 
-def _grid_uint8(images: torch.Tensor, *, nrow: int | None = None) -> np.ndarray:
+def _grid_uint8(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     """The grid of `images` ([-1, 1]) as an HWC uint8 array: what PNGs, GIFs and imshow take without rescaling."""
-    return (to_grid(images, nrow=nrow).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return (to_grid(images, nrow=nrow, padding=padding).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def _hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -91,11 +91,11 @@ def grids_figure(panels: dict[str, torch.Tensor], *, nrow: int | None = None, si
     return fig
 
 
-def save_grid(images: torch.Tensor, path, *, nrow: int | None = None) -> Path:
-    """Images in [-1, 1] as one PNG grid; returns the path."""
+def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 2) -> Path:
+    """Images in [-1, 1] as one PNG grid (one image with padding=0); returns the path. The one grid writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _pil().fromarray(_grid_uint8(images, nrow=nrow)).save(path)
+    _pil().fromarray(_grid_uint8(images, nrow=nrow, padding=padding)).save(path)
     return path
 
 
@@ -514,7 +514,7 @@ class GeneratePanel:
     models), press Generate, watch the progress bar, get the grid.
 
     checkpoints: {name: path} of checkpoints (files or run folders).
-    load:        ddpm.train.load_model (path -> (model, schedule, config)); models are loaded once.
+    load:        ddpm.checkpoint.load_model (path -> (model, schedule, config)); models are loaded once.
     generate:    ddpm.sample.generate (model, schedule, config, n=..., method=..., ...) -> images.
     methods:     the samplers offered; each checkpoint starts on its own default sampler and steps
                  (ddpm.samplers.default_sampler), unless steps is given.

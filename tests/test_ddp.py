@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ddpm import checkpoint as ckpt
+from ddpm import config as C
 from ddpm import train as T
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -65,7 +66,7 @@ def _worker(rank: int, ports: list[int], tmp: str, config: dict) -> None:
                 writes.append(f"{event} {path}")
 
     sys.addaudithook(audit)
-    cfg = T.RunConfig.from_dict(config)
+    cfg = C.RunConfig.from_dict(config)
     results = {}
     # The first two calls find only torchrun's environment and set up (and tear down) the process group
     # themselves; the third finds one already set up (as a script might) and uses it as is.
@@ -91,7 +92,7 @@ def _worker(rank: int, ports: list[int], tmp: str, config: dict) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, flowers_root):
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg = T.preset("quick", **{
+    cfg = C.preset("quick", **{
         "image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8,
         "model.dropout": 0.1, "data.root": str(flowers_root), "data.split": "train", "data.cache_dir": str(tmp / "cache"),
         "batch_size": 8, "grad_accum": 2, "max_steps": 4, "warmup_steps": 2, "log_every": 1, "sample_every": 2,

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ddpm import checkpoint as ckpt
 from ddpm import diffusion
+from ddpm import config as C
 from ddpm import train as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,29 +43,29 @@ def sample_cli():
     return importlib.import_module("ddpm.sample")
 
 
-def tiny(data, **overrides) -> T.RunConfig:
+def tiny(data, **overrides) -> C.RunConfig:
     """A 16 px, ~60k-parameter UNet on the 287 shared train-split flowers: a step takes milliseconds."""
     base = {"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8,
             **data, "data.split": "train", "batch_size": 8, "max_steps": 6, "warmup_steps": 2, "log_every": 2,
             "sample_every": 0, "checkpoint_every": 100}
-    return T.preset("quick", **{**base, **overrides})
+    return C.preset("quick", **{**base, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- configs
 
 def test_config_json_round_trip_for_every_preset(tmp_path):
-    for name in T.PRESETS:
-        cfg = T.preset(name)
-        back = T.RunConfig.from_json(cfg.to_json())
+    for name in C.PRESETS:
+        cfg = C.preset(name)
+        back = C.RunConfig.from_json(cfg.to_json())
         assert back == cfg and isinstance(back.model.channel_mults, tuple)
         cfg.save(tmp_path / f"{name}.json")
-        assert T.RunConfig.load(tmp_path / f"{name}.json") == cfg
+        assert C.RunConfig.load(tmp_path / f"{name}.json") == cfg
     with pytest.raises(ValueError, match="unknown key.*'lrr'.*valid"):
-        T.RunConfig.from_dict({**T.preset("quick").to_dict(), "train": {"lrr": 1}})
+        C.RunConfig.from_dict({**C.preset("quick").to_dict(), "train": {"lrr": 1}})
 
 
 def test_overrides_parse_by_field_type():
-    cfg = T.apply_overrides(T.preset("quick"), T.parse_override_args([
+    cfg = C.apply_overrides(C.preset("quick"), C.parse_override_args([
         "--train.lr", "2e-4", "--seed=7", "--compile", "false", "--conditional", "true", "--min-snr-gamma", "5",
         "--image_size", "64", "--model.channel_mults", "1,2,2,4", "--schedule_params", '{"s": 0.01}',
         "--model.num_classes", "none", "--data.root", "/data/x"]))
@@ -80,7 +81,7 @@ def test_overrides_parse_by_field_type():
     (["--compile", "yes"], "--train.compile 'yes': expected true or false"),
     (["--lr", "fast"], "--train.lr 'fast': expected float"),
     (["--lr"], "--lr needs a value"),
-    (["--precision", "fp16"], "precision='fp16'"),
+    (["--precision", "fp8"], "precision='fp8'"),
     (["--ema_warmup", "1"], r"ema_warmup=1.0 \(expected 0 \(none\) or > 1\)"),
     (["--model.image_size", "16"], "model.image_size=16 but data.image_size=32"),
     (["--timesteps", "10", "--sample_steps", "20"], "sample_steps=20 exceeds diffusion.timesteps=10"),
@@ -88,7 +89,7 @@ def test_overrides_parse_by_field_type():
 ])
 def test_bad_overrides_are_clear_errors(args, message):
     with pytest.raises(ValueError, match=message):
-        T.apply_overrides(T.preset("quick"), T.parse_override_args(args))
+        C.apply_overrides(C.preset("quick"), C.parse_override_args(args))
 
 
 def test_cli_reports_unknown_keys(tmp_path, capsys):
@@ -101,12 +102,26 @@ def test_cli_reports_unknown_keys(tmp_path, capsys):
 
 
 def test_lr_schedule_closed_form():
-    tc = T.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay="cosine", min_lr_ratio=0.1)
+    tc = C.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay="cosine", min_lr_ratio=0.1)
     assert T.lr_at(0, tc) == pytest.approx(0.1) and T.lr_at(9, tc) == pytest.approx(1.0)
     assert T.lr_at(10, tc) == pytest.approx(1.0)
     assert T.lr_at(60, tc) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay: the midpoint
     assert T.lr_at(110, tc) == pytest.approx(0.1) and T.lr_at(500, tc) == pytest.approx(0.1)
-    assert T.lr_at(50, T.TrainConfig(lr=1.0, warmup_steps=10)) == 1.0
+    assert T.lr_at(50, C.TrainConfig(lr=1.0, warmup_steps=10)) == 1.0
+    # linear decay to zero by the end of the planned run: the budget-friendly schedule
+    lin = C.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay="linear", min_lr_ratio=0.0)
+    assert T.lr_at(10, lin) == 1.0 and T.lr_at(60, lin) == pytest.approx(0.5) and T.lr_at(110, lin) == 0.0
+    with pytest.raises(ValueError, match="lr_decay='step'.*one of"):
+        C.TrainConfig(lr_decay="step")
+
+
+def test_epochs_decide_the_steps_and_the_intervals():
+    tc = C.TrainConfig(epochs=2.5, sample_every_epochs=0.5, checkpoint_every_epochs=1, max_steps=7)
+    steps = tc.in_steps(40)
+    assert (steps.max_steps, steps.sample_every, steps.checkpoint_every) == (100, 20, 40)
+    assert C.TrainConfig(max_steps=7).in_steps(40).max_steps == 7  # no epochs: steps as given
+    with pytest.raises(ValueError, match="epochs=0"):
+        C.TrainConfig(epochs=0)
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -144,6 +159,63 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data):
     # the loss log of the resumed run continues the first one, row for row
     assert [r["step"] for r in resumed.history] == [2, 3, 4, 6]
     assert [r["loss"] for r in resumed.history[-1:]] == [r["loss"] for r in straight.history[-1:]]
+
+
+def test_a_run_in_epochs_logs_both_counts(tmp_path, data):
+    # 287 train-split images in batches of 8: 35 steps an epoch (the last partial batch is dropped)
+    cfg = tiny(data, epochs=2, checkpoint_every_epochs=1, log_every=35)
+    result = T.train(cfg, out_dir=tmp_path, progress=False)
+    assert result.step == result.config.train.max_steps == 70
+    assert [(r["step"], r["epoch"]) for r in result.history] == [(35, 1.0), (70, 2.0)]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000035.pt", "step_0000070.pt"]
+    assert all(r["cpu_s"] > 0 for r in result.history)
+
+
+# ---------------------------------------------------------------------------------------------- fp16
+
+def test_fp16_with_the_grad_scaler_lowers_the_loss(tmp_path, data):
+    cfg = tiny(data, precision="fp16", max_steps=40, warmup_steps=5, log_every=10, lr=3e-3)
+    result = T.train(cfg, out_dir=tmp_path, progress=False)
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(r["skipped_steps"] == 0 and r["loss_scale"] > 0 for r in result.history)
+    scaler = ckpt.load_checkpoint(result.checkpoint)["scaler"]
+    assert scaler["scale"] == result.history[-1]["loss_scale"]  # the scaler's state is in the checkpoint
+
+
+def test_fp16_resume_is_bit_identical_scaler_included(tmp_path, data):
+    cfg = tiny(data, precision="fp16", max_steps=6)
+    straight = T.train(cfg, out_dir=tmp_path / "straight", progress=False)
+    T.train(cfg, out_dir=tmp_path / "split", progress=False, max_steps=3)
+    resumed = T.train(cfg, out_dir=tmp_path / "split", resume=True, progress=False)
+    a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
+    for key in ("model", "ema", "optimizer", "scaler", "rng", "data", "step"):
+        _assert_identical(a[key], b[key], key)
+    assert a["scaler"]  # a real scaler state, not an empty one
+
+
+def test_an_overflow_makes_the_scaler_skip_the_step_and_back_off(tmp_path, data):
+    cfg = tiny(data, precision="fp16", max_steps=3, log_every=1)
+    loop = T.TrainLoop(cfg, tmp_path, d=T.DistInfo(), device=torch.device("cpu"), progress=False)
+    loop.start(resume=False)
+    before = {k: v.clone() for k, v in loop.raw_model.state_dict().items()}
+    scale = loop.scaler.get_scale()
+    overflow = [True]
+
+    def inf_once(grad):  # the first backward overflows, as a too-large loss scale makes fp16 do
+        if overflow and overflow.pop():
+            return grad * float("inf")
+        return grad
+
+    next(loop.raw_model.parameters()).register_hook(inf_once)
+    loop.run(stop=1)
+    first = loop.history[0]
+    assert first["skipped_steps"] == 1 and first["loss_scale"] == scale * 0.5  # skipped, and backed off
+    assert math.isfinite(first["loss"])  # not the non-finite-loss stop: that one is for real divergence
+    assert all(torch.equal(before[k], v) for k, v in loop.raw_model.state_dict().items())  # no update
+    result = loop.run(stop=3)
+    assert [r["skipped_steps"] for r in result.history] == [1, 0, 0] and result.step == 3
+    assert not torch.equal(before["out_conv.weight"], result.model.state_dict()["out_conv.weight"])
 
 
 def test_resume_refuses_another_architecture_and_new_runs_refuse_old_folders(tmp_path, data, capsys):
@@ -195,7 +267,7 @@ def test_exploding_weights_are_never_checkpointed(tmp_path, data):
 def quick_run(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("quick")
     # the quick preset's model and settings, shortened: 30 steps of 8 images (the preset: 200 of 16)
-    cfg = T.preset("quick", **{**data, "max_steps": 30, "batch_size": 8, "warmup_steps": 10, "log_every": 3,
+    cfg = C.preset("quick", **{**data, "max_steps": 30, "batch_size": 8, "warmup_steps": 10, "log_every": 3,
                                "sample_every": 15, "checkpoint_every": 15, "sample_n": 4, "sample_steps": 4})
     seen = []
     result = T.train(cfg, out_dir=out / "run", progress=False, callback=lambda step, info: seen.append(step))
@@ -215,7 +287,7 @@ def test_quick_preset_lowers_the_loss(quick_run):
 def test_run_folder_holds_config_logs_plot_and_sample_grids(quick_run):
     result, _ = quick_run
     run = result.run_dir
-    assert T.RunConfig.load(run / "config.json") == result.config
+    assert C.RunConfig.load(run / "config.json") == result.config
     assert ckpt.load_checkpoint(run)["config"] == result.config.to_dict()
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(3, 31, 3)) and rows == result.history
@@ -229,8 +301,8 @@ def test_run_folder_holds_config_logs_plot_and_sample_grids(quick_run):
 
 def test_load_model_returns_ema_or_live_weights(quick_run):
     result, _ = quick_run
-    model, schedule, config = T.load_model(result.run_dir)
-    live, _, _ = T.load_model(result.checkpoint, use_ema=False)
+    model, schedule, config = ckpt.load_model(result.run_dir)
+    live, _, _ = ckpt.load_model(result.checkpoint, use_ema=False)
     assert not model.training and config == result.config and schedule.timesteps == config.diffusion.timesteps
     state = ckpt.load_checkpoint(result.checkpoint)
     _assert_identical(dict(model.state_dict()), dict(state["ema"]["shadow"]))
@@ -257,7 +329,7 @@ def test_sample_cli_writes_a_grid_and_single_images(quick_run, tmp_path, sample_
 def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
     from ddpm.sample import generate
 
-    model, schedule, config = T.load_model(quick_run[0].run_dir)
+    model, schedule, config = ckpt.load_model(quick_run[0].run_dir)
     # the config's schedule name picks the sampler, not the schedule passed in (the checkpoint's own)
     for prediction_type, schedule_name, explicit in (("epsilon", "cosine", "dpmpp_2m_sde"),
                                                      ("v_prediction", "cosine", "ddim"),
@@ -274,9 +346,9 @@ def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
                        generate(model, schedule, cfg, n=2, method="ddim", steps=4, seed=3, progress=False))
     assert torch.equal(generate(model, schedule, cfg, n=1, method="ddim", seed=3, progress=False),
                        generate(model, schedule, cfg, n=1, method="ddim", steps=50, seed=3, progress=False))
-    assert T.preset("quick", **{"train.sample_method": "none"}).train.sample_method is None
+    assert C.preset("quick", **{"train.sample_method": "none"}).train.sample_method is None
     with pytest.raises(ValueError, match="sample_method"):
-        T.preset("quick", **{"train.sample_method": "euler"})
+        C.preset("quick", **{"train.sample_method": "euler"})
 
 
 def test_module_entry_points_run(quick_run, tmp_path):

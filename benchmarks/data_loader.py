@@ -50,17 +50,18 @@ def time_train_step(image_size: int, stream: BatchStream, n: int, device: torch.
         from ddpm.diffusion import training_loss
         from ddpm.schedules import make_schedule
         from ddpm.train import optimizer_impl
-        from ddpm.unet import UNet, unet_preset
+        from ddpm.unet import UNet, preferred_memory_format, set_norm_path, unet_preset
     except ImportError as err:
         return None, f"not timed: {err}"
-    # the step python -m ddpm.train takes: channels_last, its AdamW flags, bf16 autocast where native
-    model = UNet(unet_preset(image_size)).to(device, memory_format=torch.channels_last)
+    # the step python -m ddpm.train takes: its norm path and layout, its AdamW flags, autocast where native
+    fmt = preferred_memory_format(device)
+    model = set_norm_path(UNet(unet_preset(image_size)), device).to(device, memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_impl(device))
     schedule = make_schedule("linear")
 
     def step():
         x, _ = next(stream)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=fmt)
         with autocast(device):
             loss = training_loss(model, schedule, x)
         opt.zero_grad(set_to_none=True)

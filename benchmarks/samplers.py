@@ -45,11 +45,10 @@ def oracle_errors(schedule_name: str, n: int, nfes: list[int]) -> list[dict]:
 
 def latency(size: int, device: torch.device, batch: int, repeats: int) -> list[dict]:
     """Seconds per image of each sampler at its default steps on the attention UNet preset."""
-    from ddpm.unet import UNet, unet_preset
+    from ddpm.unet import UNet, preferred_memory_format, set_norm_path, unet_preset
 
-    model = UNet(unet_preset(size)).to(device).eval()
-    if device.type != "mps":
-        model = model.to(memory_format=torch.channels_last)
+    model = set_norm_path(UNet(unet_preset(size)), device)  # as ddpm.checkpoint.load_model builds it
+    model = model.to(device, memory_format=preferred_memory_format(device)).eval()
     schedule = make_schedule("linear")
     rows = []
     for method in METHODS:

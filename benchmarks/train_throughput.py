@@ -301,7 +301,7 @@ def conv_shapes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, device
 
 def run_config(args) -> dict:
     """One (size, precision) configuration: build, count, time. Runs in its own process."""
-    from ddpm.unet import UNet, unet_preset
+    from ddpm.unet import UNet, set_norm_path, unet_preset
 
     device = get_device(args.device)
     malloc_kept = keep_freed_memory() if args.malloc == "keep" else False
@@ -310,7 +310,7 @@ def run_config(args) -> dict:
     if args.checkpointing:
         overrides["gradient_checkpointing"] = True
     config = unet_preset(args.size, args.variant, **overrides)
-    model = UNet(config).to(device)
+    model = set_norm_path(UNet(config), device).to(device)  # the norm path python -m ddpm.train uses there
     fmt = torch.channels_last if args.channels_last == "on" else torch.contiguous_format
     model = model.to(memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())

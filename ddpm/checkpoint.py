@@ -325,6 +325,20 @@ def available_models(root: str | os.PathLike) -> dict[str, Path]:
     return {**exported, **{name if name not in exported else f"{name}/": path for name, path in runs.items()}}
 
 
+def find_model(name_or_path, root: str | os.PathLike = "checkpoints") -> Path:
+    """A model file or run folder: `name_or_path` itself where it exists, else that name under `root`
+    (available_models); a clear error listing what is there otherwise."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    models = available_models(root)
+    if str(name_or_path) in models:
+        return models[str(name_or_path)]
+    listing = ", ".join(models) or "none"
+    raise FileNotFoundError(f"no model {name_or_path!r}: not a path, and not a name under {root} (there: {listing}); "
+                            "train one (python -m ddpm.train) or use a shipped one such as checkpoints/cpu64.pt")
+
+
 def export_weights(src, dst, *, dtype: torch.dtype = torch.float16, note: str = "") -> Path:
     """Write the EMA weights of checkpoint `src` in `dtype` with its config and step: no optimizer, RNG or data
     state, so a trained model ships in a few MB and loads with load_model like any checkpoint."""

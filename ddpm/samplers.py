@@ -31,18 +31,11 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20, "dpmpp_2m_sde": 20}  
 # (On a briefly trained model the ODE solver scored better with "trailing", which stops at t = T/steps - 1
 # and skips the lowest noise levels: docs/quality.md.)
 DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "logsnr", "dpmpp_2m_sde": "logsnr"}
-# The sampler to use when none is named (ddpm.sample.generate, training-time grids), by what the network
-# predicts and the schedule it was trained with (docs/quality.md, FID of one-CPU-hour runs
-# at 32 px):
-# - epsilon: with the cosine schedule abar_T ~ 2e-9, so x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) turns the
-#   network's error at the noisiest steps into saturated colour that a deterministic path keeps; the SDE
-#   solver's fresh noise washes it out (DDIM-20 +28% FID against DDPM-1000, the SDE solver -2%).
-# - v_prediction: x0 = sqrt(abar) x_t - sqrt(1 - abar) v is well conditioned. With the cosine and linear
-#   schedules DDIM at 20 trailing steps scored 3.6-13 FID better than the SDE solver on every min-SNR run
-#   and seed (level with it without min-SNR); with offset-cosine the SDE solver scored 7.1 and 3.9 FID
-#   better on two training seeds (KID 17% and 6% lower), and 15-17 FID better than with cosine on the same
-#   seeds, while DDIM-20 tied.
-# - sample (x0 itself): not measured, so the SDE solver, the choice that held up with both measured types.
+# The sampler to use when none is named (generate, training-time grids), by prediction type and schedule.
+# Why, in short (the FID runs: docs/quality.md): an epsilon model's error at the noisiest steps becomes saturated
+# colour on a deterministic path, which the SDE solver's fresh noise washes out; v-prediction is well conditioned,
+# and there DDIM-20 beat the SDE solver on cosine/linear while the SDE solver won on offset-cosine (two seeds);
+# "sample" was not measured, so it gets the choice that held up for both measured types.
 _SDE, _DDIM = ("dpmpp_2m_sde", 20), ("ddim", 20)
 
 

@@ -38,7 +38,7 @@ from .config import PRESETS, RunConfig, TrainConfig, apply_overrides, parse_over
 from .device import autocast, describe_precision, get_device, keep_freed_memory, needs_grad_scaler, seed_everything
 from .ema import EMA
 from .sample import generate
-from .unet import UNet, preferred_memory_format, set_norm_path
+from .unet import UNet, fused_norm_for, preferred_memory_format, set_norm_path
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -73,6 +73,21 @@ def optimizer_impl(device: torch.device | str) -> dict:
 def use_compile(tc: TrainConfig, device: torch.device) -> bool:
     """train.compile, or by default on CUDA only: the benchmarks measured torch.compile slower on the CPU."""
     return device.type == "cuda" if tc.compile is None else tc.compile
+
+
+def configure_backends(device: torch.device) -> None:
+    """Backend switches for training on `device`: on CUDA, cudnn.benchmark, since training shapes are fixed and
+    the fastest convolution algorithm is then picked once (a process-wide switch: training owns the process)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def describe_device(device: torch.device, tc: TrainConfig) -> str:
+    """What training on `device` gets, in one line: precision, layout and norm path, compile."""
+    layout = "NCHW" if preferred_memory_format(device) == torch.contiguous_format else "channels_last"
+    norm = "fused GroupNorm-SiLU-conv node" if fused_norm_for(device) else "F.group_norm + SiLU + Conv2d"
+    compiled = "torch.compile on" if use_compile(tc, device) else "torch.compile off"
+    return f"{device}: {describe_precision(device, tc.precision)}; {layout}, {norm}; {compiled}"
 
 
 @dataclass
@@ -242,8 +257,7 @@ class TrainLoop:
             seed_everything(self.cfg.train.seed + self.d.rank)  # timesteps/noise differ per rank; weights from rank 0
         self._open_log()
         if self.d.main:
-            print(f"training on {self.device}: {describe_precision(self.device, self.cfg.train.precision)}"
-                  f"{', torch.compile' if use_compile(self.cfg.train, self.device) else ''}", file=sys.stderr)
+            print(f"training on {describe_device(self.device, self.cfg.train)}", file=sys.stderr)
 
     def _find_state(self, resume: bool) -> tuple[dict | None, Path | None]:
         latest = ckpt.find_latest(self.run_dir)
@@ -289,8 +303,7 @@ class TrainLoop:
 
             ids = [device.index] if device.type == "cuda" else None
             self.model = self.ddp_model = DDP(self.raw_model, device_ids=ids)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # training shapes are fixed: pick the fastest conv once
+        configure_backends(device)
         if use_compile(tc, device):
             self.model = torch.compile(self.model)
 

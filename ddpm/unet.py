@@ -271,11 +271,16 @@ class Stage(nn.Module):
 # Per-device choices, made once when the model is placed
 
 
+def fused_norm_for(device: torch.device | str) -> bool:
+    """ddpm.ops' fused node on the CPU (what it is tuned for); the plain ops on CUDA and MPS, where the node
+    would cost layout conversions and twice the backward kernels."""
+    return torch.device(device).type == "cpu"
+
+
 def set_norm_path(model: UNet, device: torch.device | str) -> UNet:
-    """Picks the model's norm path for `device`, once, before its first forward: ddpm.ops' fused node on the
-    CPU (what it is tuned for), the plain ops on CUDA and MPS, where the node would cost layout conversions
-    and twice the backward kernels. Returns the model (not moved: see preferred_memory_format)."""
-    return model.use_fused_norm(torch.device(device).type == "cpu")
+    """Picks the model's norm path for `device` (fused_norm_for), once, before its first forward. Returns the
+    model (not moved: see preferred_memory_format)."""
+    return model.use_fused_norm(fused_norm_for(device))
 
 
 def preferred_memory_format(device: torch.device | str) -> torch.memory_format:

@@ -419,6 +419,77 @@ def save_gif(frames, path, *, fps: float = 10, nrow: int | None = None, hold_las
     return GIF(path, n_frames=len(images), width=images[0].width)
 
 
+# ---------------------------------------------------------------------------------------------- training progress
+
+def training_frames(run_dir, *, images: int = 8, max_frames: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """The training-time sample grids of a run (run_dir/samples/step_*.png, all from the same start noise) cut back
+    into images: (steps, uint8 tensor (frames, images, 3, S, S)), the first `images` of each grid. With
+    `max_frames`, frames evenly spaced from the first to the last step."""
+    import json
+
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "samples").glob("step_*.png"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}/samples holds no step_*.png sample grids (train.sample_every = 0?)")
+    if max_frames and len(files) > max_frames:
+        files = [files[round(i * (len(files) - 1) / (max_frames - 1))] for i in range(max_frames)]
+    size = json.loads((run_dir / "config.json").read_text())["data"]["image_size"]
+    frames = [_tiles(np.asarray(_pil().open(f).convert("RGB")), size, images) for f in files]
+    return [int(f.stem.split("_")[1]) for f in files], torch.stack(frames)
+
+
+def _tiles(grid: np.ndarray, size: int, count: int, padding: int = 2) -> torch.Tensor:
+    """The first `count` size x size images of a grid save_grid wrote (row-major, `padding` px between)."""
+    per_row = (grid.shape[1] - padding) // (size + padding)
+    tiles = []
+    for i in range(min(count, per_row * ((grid.shape[0] - padding) // (size + padding)))):
+        y, x = padding + (i // per_row) * (size + padding), padding + (i % per_row) * (size + padding)
+        tiles.append(torch.from_numpy(grid[y:y + size, x:x + size].copy()).permute(2, 0, 1))
+    return torch.stack(tiles)
+
+
+def progress_figure(run_dir, *, images: int = 8, max_frames: int = 8, size: float = 1.2) -> Figure:
+    """One row per training step, the same start noise in each column: how samples form as training goes."""
+    steps, frames = training_frames(run_dir, images=images, max_frames=max_frames)
+    grid = to_grid(frames.flatten(0, 1), nrow=frames.shape[1])
+    fig = Figure(figsize=(size * frames.shape[1] + 1.0, size * len(steps)), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    pitch = grid.shape[1] / len(steps)
+    ax.set_yticks([pitch * (i + 0.5) for i in range(len(steps))], [f"step {s:,}" for s in steps])
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return fig
+
+
+def progress_gif(run_dir, path, *, images: int = 16, fps: float = 2) -> GIF:
+    """The training-time sample grids of a run as an animation, step 0 to the end."""
+    _, frames = training_frames(run_dir, images=images)
+    return save_gif(list(frames), path, fps=fps, hold_last=4)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ddpm.viz",
+                                description="A run's training-time sample grids as a progress montage and a GIF.")
+    p.add_argument("run_dir", help="a run folder (its samples/step_*.png and config.json)")
+    p.add_argument("--out", default=None, help="montage PNG (default RUN_DIR/progress.png)")
+    p.add_argument("--gif", default=None, help="also write this GIF")
+    p.add_argument("--images", type=int, default=8, help="images per step (the first of each grid)")
+    p.add_argument("--frames", type=int, default=8, help="steps in the montage, evenly spaced")
+    args = p.parse_args(argv)
+    out = Path(args.out or Path(args.run_dir) / "progress.png")
+    try:
+        progress_figure(args.run_dir, images=args.images, max_frames=args.frames).savefig(out, dpi=100)
+        if args.gif:
+            progress_gif(args.run_dir, args.gif, images=args.images)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {out}" + (f" and {args.gif}" if args.gif else ""))
+
+
 # ---------------------------------------------------------------------------------------------- widgets
 
 
@@ -620,3 +691,7 @@ class GeneratePanel:
 
     def _ipython_display_(self):
         _display()(self.widget)
+
+
+if __name__ == "__main__":
+    main()

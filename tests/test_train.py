@@ -363,3 +363,25 @@ def test_module_entry_points_run(quick_run, tmp_path):
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert grid.is_file() and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["000.png", "001.png"]
+
+
+def test_describe_device_says_what_each_device_gets(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    tc = C.preset("cpu64").train
+    t4 = T.describe_device(torch.device("cuda"), tc)
+    assert "fp16 autocast + GradScaler" in t4 and "channels_last, F.group_norm" in t4 and "compile on" in t4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "bf16" in T.describe_device(torch.device("cuda"), tc)
+    assert "compile off" in T.describe_device(torch.device("cuda"), C.preset("cpu64", **{"train.compile": "false"}).train)
+    mps = T.describe_device(torch.device("mps"), tc)
+    assert "fp32" in mps and "NCHW" in mps and "compile off" in mps
+    assert "fused GroupNorm" in T.describe_device(torch.device("cpu"), tc)
+
+
+def test_cudnn_benchmark_is_on_for_cuda_training_only(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    T.configure_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    T.configure_backends(torch.device("cuda"))  # sets the flag only: no GPU needed
+    assert torch.backends.cudnn.benchmark is True

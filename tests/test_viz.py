@@ -1,5 +1,7 @@
 """ddpm.viz: every function on small tensors; figures are Figures, files are written and readable."""
 
+import json
+
 import matplotlib
 import numpy as np
 import pytest
@@ -240,3 +242,22 @@ def test_generate_panel_starts_each_checkpoint_on_its_default_sampler():
     assert pick.value == "v" and method.value == "ddim" and steps.value == 20
     pick.value = "eps"
     assert method.value == "dpmpp_2m_sde"
+
+
+def test_training_progress_cuts_the_sample_grids_back_into_images(tmp_path):
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"image_size": 8}}))
+    torch.manual_seed(0)
+    grids = {step: torch.rand(9, 3, 8, 8) * 2 - 1 for step in (0, 250, 500)}
+    for step, images in grids.items():
+        viz.save_grid(images, run / "samples" / f"step_{step:07d}.png")
+    steps, frames = viz.training_frames(run, images=5)
+    assert steps == [0, 250, 500] and frames.shape == (3, 5, 3, 8, 8) and frames.dtype == torch.uint8
+    expected = (viz.to_unit(grids[250][:5]) * 255).round().to(torch.uint8)
+    assert torch.equal(frames[1], expected)  # exactly the images that went into the grid
+    assert viz.training_frames(run, images=2, max_frames=2)[0] == [0, 500]  # evenly spaced, ends kept
+    viz.main([str(run), "--gif", str(tmp_path / "p.gif"), "--images", "4"])
+    assert (run / "progress.png").is_file() and (tmp_path / "p.gif").is_file()
+    with pytest.raises(SystemExit, match="holds no step_"):
+        viz.main([str(tmp_path)])

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .device import autocast, autocast_dtype, get_device, seed_everything
 from .diffusion import LOSS_TYPES, PREDICTION_TYPES, predict_epsilon, predict_x0, training_loss
+from .editing import generate_from_noise, inpaint, interpolate, invert, slerp
 from .oracle import GaussianDenoiser, gaussian_errors
 from .samplers import DEFAULT_SPACING, DEFAULT_STEPS, METHODS, set_timesteps
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule
@@ -16,6 +17,7 @@ from .schedules import SCHEDULES, NoiseSchedule, make_schedule
 __all__ = [
     "autocast", "autocast_dtype", "get_device", "seed_everything",
     "LOSS_TYPES", "PREDICTION_TYPES", "predict_epsilon", "predict_x0", "training_loss",
+    "generate_from_noise", "inpaint", "interpolate", "invert", "slerp",
     "GaussianDenoiser", "gaussian_errors",
     "DEFAULT_SPACING", "DEFAULT_STEPS", "METHODS", "set_timesteps",
     "SCHEDULES", "NoiseSchedule", "make_schedule",

@@ -140,7 +140,7 @@ def sample(model, schedule: NoiseSchedule, shape, *, method: str = "ddpm", steps
            eta: float = 0.0, prediction_type: str = "epsilon", generator: torch.Generator | None = None,
            y: torch.Tensor | int | None = None, guidance_scale: float = 1.0, clip_denoised: bool = True,
            progress: bool = True, callback=None, spacing: str | None = None, variance: str = "posterior",
-           device: torch.device | str | None = None) -> torch.Tensor:
+           device: torch.device | str | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
     """Draw a batch of images x_0 of `shape` (B, C, H, W) from `model`, starting at x_T ~ N(0, I).
 
     model:        a callable model(x_t, t) or model(x_t, t, y); t holds *training* timesteps (B,).
@@ -152,6 +152,8 @@ def sample(model, schedule: NoiseSchedule, shape, *, method: str = "ddpm", steps
     y, guidance_scale: class labels and classifier-free guidance weight (1 = plain conditional).
     clip_denoised: clamp each x_0 prediction (and the result) to [-1, 1].
     callback:     callback(i, t, x_t, x0_pred) after each network evaluation (strips, GIFs).
+    x_T:          the start noise, of `shape` (default: drawn from `generator`), e.g. an inverted image's
+                  (ddpm.editing.invert) or a blend of two seeds' (ddpm.editing.interpolate).
     Returns float32 images on `device` (default: the model's device).
     An nn.Module is put in eval mode (dropout off) for the call and restored after.
     """
@@ -163,19 +165,21 @@ def sample(model, schedule: NoiseSchedule, shape, *, method: str = "ddpm", steps
             return _sample(model, schedule, shape, method=method, steps=steps, eta=eta,
                            prediction_type=prediction_type, generator=generator, y=y,
                            guidance_scale=guidance_scale, clip_denoised=clip_denoised, progress=progress,
-                           callback=callback, spacing=spacing, variance=variance, device=device)
+                           callback=callback, spacing=spacing, variance=variance, device=device, x_T=x_T)
     finally:
         if was_training:
             model.train()
 
 
 def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, generator, y, guidance_scale,
-            clip_denoised, progress, callback, spacing, variance, device):
+            clip_denoised, progress, callback, spacing, variance, device, x_T):
     batch = shape[0]
     device = torch.device(device) if device is not None else _model_device(model)
     if isinstance(y, int):
         y = torch.full((batch,), y, dtype=torch.long)
     _check_args(model, schedule, method, eta, variance, y, guidance_scale, batch, prediction_type)
+    if x_T is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape asks for {tuple(shape)}")
     y = to_device(y, device) if y is not None else None
     if steps is None:  # the method's default, but never more steps than the schedule has (T may be small)
         steps = None if DEFAULT_STEPS[method] is None else min(DEFAULT_STEPS[method], schedule.timesteps)
@@ -184,9 +188,10 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
     null_class = getattr(model, "null_class", None)
     pairs = _step_pairs(timesteps, schedule.alphas_cumprod)
     draws = sum(_draws_noise(method, abar_t, abar_prev, eta=eta) for _, _, abar_t, abar_prev in pairs)
-    noise = _Noise(shape, 1 + draws, generator=generator, device=device)  # x_T, then each stochastic step's
+    # x_T (unless given), then each stochastic step's noise
+    noise = _Noise(shape, draws + (x_T is None), generator=generator, device=device)
 
-    x = noise()
+    x = noise() if x_T is None else x_T.to(device=device, dtype=torch.float32)
     solver = (_DPMSolverPP2M(schedule, noise=noise if method == "dpmpp_2m_sde" else None)
               if method.startswith("dpmpp") else None)
     for i, (t, prev, abar_t, abar_prev) in enumerate(tqdm(pairs, desc=method, disable=not progress, leave=False)):

@@ -15,12 +15,17 @@ import math
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "offset_cosine")
+SCHEDULES = ("linear", "cosine", "offset_cosine", "sigmoid", "scaled_linear")
 
 _DEFAULTS = {
     "linear": {"beta_start": 1e-4, "beta_end": 0.02},
     "cosine": {"s": 0.008, "max_beta": 0.999},
     "offset_cosine": {"max_signal_rate": 0.95, "min_signal_rate": 0.02},
+    "sigmoid": {"start": -3.0, "end": 3.0, "tau": 1.0, "max_beta": 0.999},
+    # Named as diffusers names it (beta_schedule="scaled_linear"), so a diffusers or Stable Diffusion config
+    # (there beta_start=0.00085, beta_end=0.012) ports by name and parameters; it is the "quad" schedule of
+    # Ho et al.'s code, quadratic in t. The defaults are the linear schedule's, so the two differ in shape only.
+    "scaled_linear": {"beta_start": 1e-4, "beta_end": 0.02},
 }
 
 
@@ -29,6 +34,15 @@ def _linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
         raise ValueError(f"linear schedule needs 0 < beta_start <= beta_end < 1, got "
                          f"beta_start={beta_start}, beta_end={beta_end}")
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def _scaled_linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    # beta_t = (sqrt(beta_start) + t/(T-1) (sqrt(beta_end) - sqrt(beta_start)))^2: linear in sqrt(beta), so
+    # the betas stay small for longer than the linear schedule's and the signal fades later.
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(f"scaled_linear schedule needs 0 < beta_start <= beta_end < 1, got "
+                         f"beta_start={beta_start}, beta_end={beta_end}")
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
 
 
 def _cosine_betas(T: int, s: float, max_beta: float) -> torch.Tensor:
@@ -40,6 +54,24 @@ def _cosine_betas(T: int, s: float, max_beta: float) -> torch.Tensor:
         raise ValueError(f"cosine schedule needs 0 < max_beta < 1, got max_beta={max_beta}")
     t = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def _sigmoid_betas(T: int, start: float, end: float, tau: float, max_beta: float) -> torch.Tensor:
+    # Jabri et al. 2022 / Chen 2023 (as lucidrains' denoising-diffusion-pytorch): abar(t) = f(t)/f(0) with
+    # f(t) = (sigmoid(end/tau) - sigmoid((start + t/T (end - start))/tau)) / (sigmoid(end/tau) - sigmoid(start/tau)),
+    # a sigmoid of a linear ramp from `start` to `end`; a smaller temperature tau makes the drop steeper. As for
+    # cosine, beta_t = 1 - abar(t+1)/abar(t), clipped at max_beta (f(T) = 0 would make the last step singular).
+    if not start < end:
+        raise ValueError(f"sigmoid schedule needs start < end, got start={start}, end={end}")
+    if not tau > 0:
+        raise ValueError(f"sigmoid schedule needs tau > 0, got tau={tau}")
+    if not 0.0 < max_beta < 1.0:
+        raise ValueError(f"sigmoid schedule needs 0 < max_beta < 1, got max_beta={max_beta}")
+    t = torch.arange(T + 1, dtype=torch.float64) / T
+    v_start, v_end = torch.tensor([start / tau, end / tau], dtype=torch.float64).sigmoid()
+    f = (v_end - ((start + t * (end - start)) / tau).sigmoid()) / (v_end - v_start)
     abar = f / f[0]
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
@@ -64,7 +96,7 @@ class NoiseSchedule:
         self.name = name
         self.params = dict(params)
         self._device_tables: dict = {}  # float tables copied to an accelerator once, on first use
-        self.timesteps = T = len(alphas_cumprod)
+        self.timesteps = len(alphas_cumprod)
         self.alphas_cumprod = abar = alphas_cumprod.to(torch.float64)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         self.alphas = abar / self.alphas_cumprod_prev
@@ -145,6 +177,10 @@ def make_schedule(name: str, timesteps: int = 1000, **params) -> NoiseSchedule:
     "cosine":        Nichol & Dhariwal 2021 with s=0.008, betas clipped at max_beta=0.999
     "offset_cosine": signal rate cos(theta), theta linear from arccos(max_signal_rate=0.95)
                      to arccos(min_signal_rate=0.02) (Keras DDIM)
+    "sigmoid":       abar from a sigmoid of a ramp from start=-3 to end=3 at temperature tau=1, betas
+                     clipped at max_beta=0.999 (Jabri et al. 2022; lucidrains' denoising-diffusion-pytorch)
+    "scaled_linear": betas quadratic in t, linear in sqrt(beta) from beta_start=1e-4 to beta_end=0.02
+                     (diffusers' name; Stable Diffusion uses beta_start=0.00085, beta_end=0.012)
     """
     check_schedule_name(name)
     if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
@@ -154,10 +190,16 @@ def make_schedule(name: str, timesteps: int = 1000, **params) -> NoiseSchedule:
         raise ValueError(f"{name} schedule got unknown parameter(s) {sorted(unknown)}; "
                          f"valid: {', '.join(_DEFAULTS[name])}")
     p = {**_DEFAULTS[name], **{k: float(v) for k, v in params.items()}}
-    if name == "linear":
-        abar = torch.cumprod(1 - _linear_betas(timesteps, **p), 0)
-    elif name == "cosine":
-        abar = torch.cumprod(1 - _cosine_betas(timesteps, **p), 0)
-    else:
+    if name == "offset_cosine":
         abar = _offset_cosine_alphas_cumprod(timesteps, **p)
+    else:
+        betas = {"linear": _linear_betas, "cosine": _cosine_betas, "sigmoid": _sigmoid_betas,
+                 "scaled_linear": _scaled_linear_betas}[name](timesteps, **p)
+        abar = torch.cumprod(1 - betas, 0)
     return NoiseSchedule(name, abar, p)
+
+
+def default_params(name: str) -> dict:
+    """The parameters of schedule `name` and their defaults: what make_schedule(name, T, **params) accepts."""
+    check_schedule_name(name)
+    return dict(_DEFAULTS[name])

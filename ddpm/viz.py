@@ -580,6 +580,55 @@ def schedule_explorer(image: torch.Tensor, make_schedule, *, seed: int = 0):
     return w.VBox([w.HBox([name, T]), w.HBox([beta, rates]), t, out])
 
 
+# Slider range, step and readout format of each schedule parameter (ddpm.schedules' names); others get a
+# range around their default.
+SCHEDULE_SLIDERS = {
+    "beta_start": (1e-5, 0.01, 1e-5, ".5f"), "beta_end": (1e-3, 0.05, 1e-4, ".4f"),
+    "s": (0.0, 0.1, 0.001, ".3f"), "max_beta": (0.9, 0.9999, 1e-4, ".4f"),
+    "max_signal_rate": (0.5, 0.999, 0.001, ".3f"), "min_signal_rate": (0.001, 0.5, 0.001, ".3f"),
+    "start": (-10.0, 0.0, 0.1, ".1f"), "end": (0.0, 10.0, 0.1, ".1f"), "tau": (0.1, 3.0, 0.05, ".2f"),
+}
+
+
+def schedule_sliders(image: torch.Tensor, make_schedule, defaults: dict, *, value: str = "cosine", seed: int = 0):
+    """schedule_explorer for any schedules: one slider per parameter that some schedule takes.
+
+    defaults: {schedule name: {parameter: default}} (e.g. from ddpm.schedules.default_params); the sliders
+    of parameters the chosen schedule does not take are disabled. Returns an ipywidgets.VBox.
+    """
+    import ipywidgets as w
+
+    names = list(defaults)
+    params = {p: v for d in defaults.values() for p, v in d.items()}
+    sliders = {}
+    for p, v in params.items():
+        lo, hi, step, fmt = SCHEDULE_SLIDERS.get(p, (min(0.0, 2 * v), max(1.0, 2 * v), 0.01, ".2f"))
+        sliders[p] = w.FloatSlider(value=v, min=lo, max=hi, step=step, readout_format=fmt, description=p,
+                                   continuous_update=False)
+    name = w.Dropdown(options=names, value=value if value in names else names[0], description="schedule")
+    T = w.IntSlider(value=1000, min=10, max=2000, step=10, description="T", continuous_update=False)
+    t = w.IntSlider(value=500, min=0, max=999, description="t", continuous_update=False)
+    out = w.Output()
+
+    def redraw(_=None):
+        for p, slider in sliders.items():
+            slider.disabled = p not in defaults[name.value]
+        t.max = T.value - 1
+        chosen = {p: sliders[p].value for p in defaults[name.value]}
+        with out:
+            out.clear_output(wait=True)
+            try:
+                _display()(schedule_snapshot(make_schedule(name.value, T.value, **chosen), image, t.value, seed=seed))
+            except ValueError as err:  # e.g. beta_start above beta_end: say why instead of a traceback
+                print(err)
+
+    for widget in (name, T, t, *sliders.values()):
+        widget.observe(redraw, names="value")
+    redraw()
+    rows = [w.HBox(list(sliders.values())[i:i + 3]) for i in range(0, len(sliders), 3)]
+    return w.VBox([w.HBox([name, T]), *rows, t, out])
+
+
 class GeneratePanel:
     """A small app: pick a checkpoint, sampler, steps, seed (class and guidance for conditional
     models), press Generate, watch the progress bar, get the grid.

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.oracle import GaussianDenoiser, gaussian_errors
 from ddpm.diffusion import PREDICTION_TYPES
+from ddpm.oracle import GaussianDenoiser, gaussian_errors
 from ddpm.samplers import METHODS, default_sampler, sample, set_timesteps
 from ddpm.schedules import SCHEDULES, make_schedule
 
@@ -94,6 +94,20 @@ def test_ddim_eta_zero_is_deterministic_given_x_T():
     torch.randn((64, *SHAPE), generator=g2)
     assert torch.equal(g.get_state(), g2.get_state())
     assert torch.equal(x, draw(oracle, s, 64, seed=3, method="ddim", steps=20, clip_denoised=True))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_given_x_T_replaces_the_first_draw(method):
+    # x_T given: the generator's draws go to the steps, so sample(x_T = the seed's first draw, generator in the
+    # state that draw leaves) is sample(seed), for every method (ddim and dpmpp_2m: deterministic given x_T)
+    s = make_schedule("linear")
+    oracle = GaussianDenoiser(s, MEAN, STD)
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn((8, *SHAPE), generator=g)
+    given = sample(oracle, s, (8, *SHAPE), method=method, steps=10, generator=g, x_T=x_T, progress=False)
+    assert torch.equal(given, draw(oracle, s, 8, seed=5, method=method, steps=10, clip_denoised=True))
+    with pytest.raises(ValueError, match=r"x_T has shape \(8, 1, 4, 4\) but shape asks for \(4, 1, 4, 4\)"):
+        sample(oracle, s, (4, *SHAPE), method=method, steps=10, x_T=x_T, progress=False)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -212,8 +226,8 @@ def test_default_sampler_by_prediction_type_and_schedule():
     assert default_sampler("v_prediction", "offset_cosine") == ("dpmpp_2m_sde", 20)
     with pytest.raises(ValueError, match="prediction_type"):
         default_sampler("score", "cosine")
-    with pytest.raises(ValueError, match="schedule 'sigmoid'"):
-        default_sampler("v_prediction", "sigmoid")
+    with pytest.raises(ValueError, match="schedule 'quad'"):
+        default_sampler("v_prediction", "quad")
 
 
 class PerStepNoise:

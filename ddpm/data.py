@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .checkpoint import save_checkpoint
+from .checkpoint import UsageError, save_checkpoint
 from .device import to_device
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,16 @@ FLOWERS_SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}  # name
 FLOWERS_NUM_CLASSES = 102
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # ddpm/: in a checkout, or in site-packages when installed
-CACHE_FORMAT = 1  # bump when preprocessing changes: old cache files then no longer match their key
+CACHE_FORMAT = 2  # bump when preprocessing or the payload changes: old cache files then no longer match their key
 MAX_NAMED = 10  # how many file names a warning lists before it says "and N more"
+
+
+class DataNotFoundError(UsageError, FileNotFoundError):
+    """No data where it was asked for: a missing folder, no images in it, Flowers102 absent and not downloadable."""
+
+
+class DataError(UsageError, ValueError):
+    """Data that is there but cannot be used as asked: unreadable files, a bad argument, too few images."""
 
 
 # -----------------------------------------------------------------------------
@@ -117,14 +125,15 @@ def load_dataset(source: str = "flowers102", root: str | Path | None = None, *, 
     key = _cache_key(source, root, split, image_size, paths + meta_files, base)
     cache_path = cache_dir / _cache_name(source, root, split, image_size, key)
 
-    payload = _read_cache(cache_path, key)
+    payload = _read_cache(cache_path, key, image_size)
     from_cache = payload is not None
     if from_cache:
         log.info(f"loaded {len(payload['images']):,} images from cache {cache_path}")
     else:
         payload = _build(paths, base, labels, image_size, key, num_workers=num_workers)
         _write_cache_or_warn(cache_path, payload)
-    _warn_files(f"skipped {len(payload['skipped'])} unreadable file(s) under {root}",
+    _warn_files(f"skipped {len(payload['skipped'])} unreadable file(s) under {root}, using the other "
+                f"{len(payload['images']):,}",
                 [f"{name} ({reason})" for name, reason in payload["skipped"]])
     _warn_files(f"{len(payload['upsampled'])} image(s) under {root} are smaller than {image_size} px "
                 "on their short side and were upsampled", payload["upsampled"])
@@ -138,13 +147,13 @@ def load_dataset(source: str = "flowers102", root: str | Path | None = None, *, 
 
 def _check_args(source: str, split: str, image_size: int) -> None:
     if source not in SOURCES:
-        raise ValueError(f"source={source!r} is not supported; use one of {SOURCES}")
+        raise DataError(f"source={source!r} is not supported; use one of {SOURCES}")
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not a split; use one of {SPLITS}")
+        raise DataError(f"split={split!r} is not a split; use one of {SPLITS}")
     if source == "folder" and split != "all":
-        raise ValueError(f"split={split!r}: a folder of images has no splits; use split='all'")
+        raise DataError(f"split={split!r}: a folder of images has no splits; use split='all'")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size={image_size!r} must be a positive int (32, 64 and 128 have model presets)")
+        raise DataError(f"image_size={image_size!r} must be a positive int (32, 64 and 128 have model presets)")
 
 
 # -----------------------------------------------------------------------------
@@ -152,11 +161,7 @@ def _check_args(source: str, split: str, image_size: int) -> None:
 
 def _flowers_files(root: Path, split: str, *, download: bool) -> tuple[list[Path], np.ndarray, int, list[Path]]:
     """Image paths present on disk for `split`, their labels, how many are missing, and the metadata files."""
-    base = root / "flowers-102"
-    if not _flowers_present(base):
-        if not download:
-            raise FileNotFoundError(_flowers_help(root, "download=False, so nothing was downloaded"))
-        _flowers_download(root)
+    base = ensure_flowers102(root, download=download)
     ids, labels = _flowers_metadata(base, split)
     jpg = base / "jpg"
     on_disk = {entry.name for entry in os.scandir(jpg) if entry.is_file()}
@@ -164,12 +169,43 @@ def _flowers_files(root: Path, split: str, *, download: bool) -> tuple[list[Path
     n_missing = int((~present).sum())
     where = "" if split == "all" else f" of split {split!r}"
     if present.sum() == 0:
-        raise FileNotFoundError(_flowers_help(root, f"all {len(ids):,} images{where} are missing from {jpg}"))
+        raise DataNotFoundError(_flowers_help(root, f"all {len(ids):,} images{where} are missing from {jpg}"))
     if n_missing:
         warnings.warn(f"flowers102: {n_missing:,} of {len(ids):,} images{where} missing under {jpg}; "
                       f"using {int(present.sum()):,}", stacklevel=3)
     paths = [jpg / f"image_{i:05d}.jpg" for i in ids[present]]
     return paths, labels[present], n_missing, [base / "imagelabels.mat", base / "setid.mat"]
+
+
+def ensure_flowers102(root: str | Path, *, download: bool = True) -> Path:
+    """root/flowers-102 once its metadata and jpg/ are there, downloading them first where missing (download=True).
+
+    DataNotFoundError otherwise, with the one message that says what to fetch and where to put it
+    (`make demo` checks this before starting any notebook).
+    """
+    root = Path(root).expanduser()
+    base = root / "flowers-102"
+    if not _flowers_present(base):
+        if not download:
+            raise DataNotFoundError(_flowers_help(root, "download=False, so nothing was downloaded"))
+        _flowers_download(root)
+    return base
+
+
+def detect_source(root: str | Path) -> str | None:
+    """What `root` holds: "flowers102" (a torchvision Flowers102 root: flowers-102/ with jpg/ or the .mat
+    files), "folder" (image files, searched recursively), or None (an existing folder with neither, which
+    only a Flowers102 download can fill). DataNotFoundError when `root` is not an existing folder."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataNotFoundError(f"data folder {root} {what}; pass --data-root (data.root) the folder that holds "
+                                "your images, or the one that holds flowers-102/")
+    base = root / "flowers-102"
+    if (base / "jpg").is_dir() or (base / "imagelabels.mat").is_file() or (base / "setid.mat").is_file():
+        return "flowers102"
+    images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return "folder" if next(images, None) is not None else None  # stops at the first image: no full walk
 
 
 def flowers102_class_names() -> list[str]:
@@ -188,9 +224,9 @@ def _flowers_download(root: Path) -> None:
     try:
         Flowers102(root, split="train", download=True)
     except Exception as err:  # no network, a proxy page, a bad md5, a truncated archive: all end the same way
-        raise FileNotFoundError(_flowers_help(root, f"the download failed ({type(err).__name__}: {err})")) from err
+        raise DataNotFoundError(_flowers_help(root, f"the download failed ({type(err).__name__}: {err})")) from err
     if not _flowers_present(root / "flowers-102"):
-        raise FileNotFoundError(_flowers_help(root, "the download finished but the files are not where expected"))
+        raise DataNotFoundError(_flowers_help(root, "the download finished but the files are not where expected"))
 
 
 def _flowers_help(root: Path, reason: str) -> str:
@@ -217,19 +253,19 @@ def _flowers_metadata(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         keys = FLOWERS_SPLIT_KEYS.values() if split == "all" else [FLOWERS_SPLIT_KEYS[split]]
         ids = np.sort(np.concatenate([np.atleast_1d(setid[k]) for k in keys]).astype(np.int64))
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"could not read the Flowers102 metadata in {base} ({type(err).__name__}: {err}); "
-                         f"download imagelabels.mat and setid.mat again from {FLOWERS_URL}") from err
+        raise DataError(f"could not read the Flowers102 metadata in {base} ({type(err).__name__}: {err}); "
+                        f"download imagelabels.mat and setid.mat again from {FLOWERS_URL}") from err
     return ids, labels[ids - 1]
 
 
 def _folder_files(root: Path) -> list[Path]:
     """Every image file under root, recursively, in a stable (sorted) order."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (or is not a folder); "
+        raise DataNotFoundError(f"image folder {root} does not exist (or is not a folder); "
                                 "pass the folder that holds your images as root")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}, searched "
+        raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}, searched "
                                 "recursively; put images there or pass another root")
     return paths
 
@@ -258,8 +294,8 @@ def _build(paths: list[Path], base: Path, labels: np.ndarray | None, image_size:
     ok = np.array([err is None for err, _ in results], dtype=bool)
     if not ok.any():
         why = "; ".join(f"{names[i]}: {err}" for i, (err, _) in enumerate(results[:MAX_NAMED]))
-        raise ValueError(f"none of the {len(paths):,} image files under {base} could be read ({why}); "
-                         "check the files or point root at another folder")
+        raise DataError(f"none of the {len(paths):,} image files under {base} could be read ({why}); "
+                        "check the files or point root at another folder")
     keep = np.flatnonzero(ok)
     return {
         "format": CACHE_FORMAT, "key": key, "images": torch.from_numpy(out if ok.all() else out[keep]),
@@ -361,36 +397,89 @@ def _cache_name(source: str, root: Path, split: str, image_size: int, key: str) 
     return f"{label}-{image_size}px-{key[:16]}.pt"
 
 
-def _write_cache_or_warn(path: Path, payload: dict) -> None:
+def write_cache(path: str | Path, payload: dict) -> bool:
+    """Save a cache `payload` atomically, with its tensors' byte count and its sha256 so that read_cache can
+    tell a damaged file (truncated, a flipped bit: torch.load checks neither) from a good one. A write that fails
+    (a read-only folder, a full disk) warns and returns False: a cache saves time, it is not needed to go on."""
+    path = Path(path)
     try:
-        save_checkpoint(path, payload)  # atomic: a crash leaves the old file or none, never half of one
-    except OSError as err:  # a read-only data dir should not stop training, only make the next start slower
-        warnings.warn(f"could not write the cache {path} ({err}); continuing without it", stacklevel=3)
-        return
-    log.info(f"decoded {len(payload['images']):,} images; cache written to {path}")
+        save_checkpoint(path, {**payload, "checksum": _tensor_checksum(payload)})  # atomic: old file or none
+    except OSError as err:
+        warnings.warn(f"could not write the cache {path} ({err}); continuing without it", stacklevel=2)
+        return False
+    return True
 
 
-def _read_cache(path: Path, key: str) -> dict | None:
-    """The cached payload, or None when there is none; an unreadable or mismatched one is rebuilt with a warning."""
+def read_cache(path: str | Path, *, check=None) -> dict | None:
+    """The payload write_cache saved at `path`, or None when there is none.
+
+    A file that cannot be read, whose tensors' size or checksum differs from the recorded ones, or that
+    `check(payload)` rejects (by raising ValueError, KeyError or TypeError) is not used: a warning names it and
+    None is returned, so the caller rebuilds it (and write_cache replaces it).
+    """
+    path = Path(path)
     if not path.is_file():
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        _check_payload(payload, key)
-    except Exception as err:  # truncated, corrupt, another format: all are fixed by decoding again
+        if not isinstance(payload, dict) or not isinstance(payload.get("checksum"), dict):
+            raise ValueError("it has no checksum (written by another version?)")
+        recorded, actual = payload.pop("checksum"), _tensor_checksum(payload)
+        if recorded.get("nbytes") != actual["nbytes"]:
+            raise ValueError(f"it holds {actual['nbytes']:,} bytes of tensors, {recorded.get('nbytes')} were written")
+        if recorded.get("sha256") != actual["sha256"]:
+            raise ValueError("its checksum differs from the one written with it (damaged on disk)")
+        if check is not None:
+            check(payload)
+    except Exception as err:  # noqa: BLE001 -- truncated, corrupt, another format: all are fixed by rebuilding
         warnings.warn(f"cache file {path} is unreadable or does not match ({type(err).__name__}: {err}); "
-                      "rebuilding it", stacklevel=3)
+                      "rebuilding it", stacklevel=2)
         return None
     return payload
 
 
-def _check_payload(payload: dict, key: str) -> None:
-    if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT or payload.get("key") != key:
+def _tensor_checksum(tree) -> dict:
+    """sha256 of a whole payload (tensor bytes and plain values, in sorted-key order) and its tensors' size."""
+    h, nbytes = hashlib.sha256(), 0
+
+    def visit(obj, where: str) -> None:
+        nonlocal nbytes
+        if isinstance(obj, torch.Tensor):
+            flat = obj.detach().cpu().reshape(-1).contiguous()
+            h.update(f"{where}:{obj.dtype}:{tuple(obj.shape)};".encode())
+            h.update(flat.view(torch.uint8).numpy())  # the buffer itself: no copy of a 100 MB cache
+            nbytes += flat.numel() * flat.element_size()
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                if k != "checksum":
+                    visit(obj[k], f"{where}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                visit(v, f"{where}[{i}]")
+        else:  # file names, format numbers: damage there matters as much
+            h.update(f"{where}={obj!r};".encode())
+
+    visit(tree, "")
+    return {"sha256": h.hexdigest(), "nbytes": nbytes}
+
+
+def _write_cache_or_warn(path: Path, payload: dict) -> None:
+    if write_cache(path, payload):
+        log.info(f"decoded {len(payload['images']):,} images; cache written to {path}")
+
+
+def _read_cache(path: Path, key: str, image_size: int) -> dict | None:
+    """The cached payload, or None when there is none; an unreadable or mismatched one is rebuilt with a warning."""
+    return read_cache(path, check=lambda payload: _check_payload(payload, key, image_size))
+
+
+def _check_payload(payload: dict, key: str, image_size: int) -> None:
+    if payload.get("format") != CACHE_FORMAT or payload.get("key") != key:
         raise ValueError("format or key differs")
     images, labels = payload["images"], payload["labels"]
     n = len(payload["files"])
-    if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != n:
-        raise ValueError(f"images are {images.dtype} {tuple(images.shape)} for {n} files")
+    if images.dtype != torch.uint8 or tuple(images.shape) != (n, 3, image_size, image_size):
+        raise ValueError(f"images are {images.dtype} {tuple(images.shape)} for {n} files of {image_size} px")
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels have shape {tuple(labels.shape)} for {n} files")
 
@@ -419,8 +508,9 @@ class BatchStream:
             raise ValueError(f"batch_size={batch_size} must be positive")
         self.shard_size = n // world_size
         if batch_size > self.shard_size:
-            raise ValueError(f"batch_size={batch_size} is larger than rank {rank}'s shard of {self.shard_size} "
-                             f"images ({n} images over world_size={world_size}); use a smaller batch_size or more images")
+            raise DataError(f"batch_size={batch_size} is larger than rank {rank}'s shard of {self.shard_size} "
+                            f"images ({n} images over world_size={world_size}); use a smaller batch_size or more "
+                            "images")
         self.images, self.labels = dataset.images, dataset.labels
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.flip, self.drop_last = flip, drop_last

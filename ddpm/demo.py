@@ -4,10 +4,15 @@
     python -m ddpm.demo 02 04                # only the notebooks whose names start with 02 or 04
     python -m ddpm.demo --full               # the real settings (CUDA or MPS; hours, not minutes)
 
+Run it from the repository root (`make demo` does): the notebooks are read from ./notebooks and the data is
+./data unless --dir, --data-root or $DATA_ROOT say otherwise. Before any notebook starts, Flowers102 is made
+sure of (downloaded into the data folder if missing, as the notebooks would); without it the demo stops
+at once with the one message that says what to download and where to put it (exit status 2).
+
 Each notebook runs with papermill in its own folder (notebooks/, so its relative paths mean what they
-mean in Jupyter), with the parameters QUICK and DATA_ROOT (from the environment variable, default
-the repo's data/) injected after its `parameters` cell. The executed copies, outputs included, go to the output
-folder; the notebooks themselves are never modified. Exit status 1 names the notebooks that failed.
+mean in Jupyter), with the parameters QUICK and DATA_ROOT injected after its `parameters` cell. The
+executed copies, outputs included, go to the output folder; the notebooks themselves are never modified.
+Exit status 1 names the notebooks that failed.
 """
 
 from __future__ import annotations
@@ -22,9 +27,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK_DIR = REPO / "notebooks"
+from .checkpoint import UsageError
+from .data import ensure_flowers102
+
+# Relative to the current directory, which `make demo` sets to the repository root: no guess from where the
+# package happens to be installed.
+NOTEBOOK_DIR = Path("notebooks")
 DEFAULT_OUT = NOTEBOOK_DIR / "runs"
+DEFAULT_DATA_ROOT = Path("data")
+# The folder `import ddpm` resolves from: the kernels get it on PYTHONPATH, so a checkout that was never
+# pip-installed still imports (the package's own location, not a guess about the repository).
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -42,6 +55,9 @@ class NotebookRun:
 
 def notebook_paths(folder: str | os.PathLike = NOTEBOOK_DIR, *, select: list[str] | None = None) -> list[Path]:
     """The numbered notebooks in `folder`, in order; `select` keeps those whose names start with one of them."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"no notebooks folder {Path(folder).resolve()}: run from the repository root "
+                                "(as `make demo` does), or pass --dir FOLDER")
     paths = sorted(p for p in Path(folder).glob("[0-9]*.ipynb"))
     if select:
         paths = [p for p in paths if any(p.name.startswith(s) for s in select)]
@@ -91,10 +107,10 @@ def _quiet_papermill():
 
 @contextlib.contextmanager
 def _kernel_env(extra: dict[str, str]):
-    """Environment for the kernels papermill starts: the repo on PYTHONPATH (so `import ddpm` works
+    """Environment for the kernels papermill starts: this ddpm on PYTHONPATH (so `import ddpm` works
     even where the package is not pip-installed) plus `extra`; restored afterwards."""
     saved = dict(os.environ)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
     os.environ.update(extra)
     try:
         yield
@@ -148,12 +164,12 @@ def run_notebooks(paths=None, *, out_dir: str | os.PathLike = DEFAULT_OUT, quick
                   timeout: float | None = None, verbose: bool = True) -> list[NotebookRun]:
     """Execute notebooks in order (default: all of notebooks/) with QUICK and DATA_ROOT set.
 
-    data_root: default $DATA_ROOT, else the repo's data/; made absolute (the notebooks run in notebooks/).
+    data_root: default $DATA_ROOT, else ./data; made absolute (the notebooks run in notebooks/).
     parameters: more papermill parameters, e.g. {"CHECKPOINT_ROOT": "/tmp/ckpt"} (absolute paths).
     Later notebooks reuse what earlier ones wrote (04 samples the checkpoint 03 trained).
     """
     paths = notebook_paths() if paths is None else [Path(p) for p in paths]
-    root = Path(data_root or os.environ.get("DATA_ROOT") or REPO / "data").expanduser().resolve()
+    root = data_root_of(data_root)
     params = {"QUICK": quick, "DATA_ROOT": str(root), **(parameters or {})}
     runs = []
     for path in paths:
@@ -168,19 +184,32 @@ def run_notebooks(paths=None, *, out_dir: str | os.PathLike = DEFAULT_OUT, quick
     return runs
 
 
+def data_root_of(data_root: str | os.PathLike | None = None) -> Path:
+    """The data folder the notebooks get: `data_root`, else $DATA_ROOT, else ./data; absolute."""
+    return Path(data_root or os.environ.get("DATA_ROOT") or DEFAULT_DATA_ROOT).expanduser().resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("select", nargs="*", help="run only notebooks whose names start with these (e.g. 02 04)")
     p.add_argument("--full", action="store_true", help="the real settings instead of QUICK (needs a GPU)")
     p.add_argument("--dir", default=str(NOTEBOOK_DIR), help=f"folder of numbered notebooks (default {NOTEBOOK_DIR})")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"folder for executed copies (default {DEFAULT_OUT})")
-    p.add_argument("--data-root", default=None, help="overrides $DATA_ROOT (the folder holding flowers-102/)")
+    p.add_argument("--data-root", default=None, help="overrides $DATA_ROOT (the folder holding flowers-102/); "
+                                                     f"default {DEFAULT_DATA_ROOT}/")
+    p.add_argument("--no-data-check", action="store_true",
+                   help="start the notebooks without first making sure Flowers102 is there (notebooks that "
+                        "bring their own data)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per cell (default: no limit)")
     args = p.parse_args(argv)
     try:
         paths = notebook_paths(args.dir, select=args.select)
-    except FileNotFoundError as err:
-        p.error(str(err))
+        if not args.no_data_check:
+            # every notebook reads Flowers102: fail once here, not five times with the same error
+            ensure_flowers102(data_root_of(args.data_root))
+    except (FileNotFoundError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)  # the download instructions keep their lines
+        return 2
     mode = "full" if args.full else "QUICK"
     print(f"running {len(paths)} notebook(s) in {mode} mode -> {args.out}")
     runs = run_notebooks(paths, out_dir=args.out, quick=not args.full, data_root=args.data_root, timeout=args.timeout)

@@ -10,14 +10,14 @@ The start noise comes from a CPU generator seeded by --seed, so a seed gives the
 
 from __future__ import annotations
 
-import argparse
+import os
 from pathlib import Path
 
 import torch
 
 from . import samplers
-from .checkpoint import load_model
-from .device import PRECISIONS, autocast
+from .checkpoint import UsageError, UsageParser, exit_with_error, load_model
+from .device import PRECISIONS, autocast, get_device
 from .viz import save_grid
 
 
@@ -81,8 +81,10 @@ def save_images(images: torch.Tensor, out, *, nrow: int | None = None) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
-    p = argparse.ArgumentParser(prog="python -m ddpm.sample", allow_abbrev=False,
-                                description="Sample a grid of images from a ddpm checkpoint.")
+    """The command line. A mistake in what was asked (a missing or unreadable checkpoint, a bad --n, --steps or
+    --out, a device that is not there) is one `error: ...` line and exit status 2, before anything is written."""
+    p = UsageParser(prog="python -m ddpm.sample", allow_abbrev=False,
+                    description="Sample a grid of images from a ddpm checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (uses its latest.pt)")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--method", default=None, choices=samplers.METHODS,
@@ -104,17 +106,62 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-
-    model, schedule, config = load_model(args.ckpt, use_ema=not args.no_ema, device=args.device)
     try:
-        images = generate(model, schedule, config, n=args.n, method=args.method, steps=args.steps, eta=args.eta,
-                          seed=args.seed, class_label=args.class_label, guidance_scale=args.guidance_scale,
-                          batch_size=args.batch_size, precision=args.precision, progress=not args.no_progress)
-    except ValueError as err:
-        p.error(str(err))
+        _check_args(args)
+        device = _check_device(args.device)
+        model, schedule, config = load_model(args.ckpt, use_ema=not args.no_ema, device=device)
+        _check_against_model(args, config)
+    except UsageError as err:
+        exit_with_error(err)
+    images = generate(model, schedule, config, n=args.n, method=args.method, steps=args.steps, eta=args.eta,
+                      seed=args.seed, class_label=args.class_label, guidance_scale=args.guidance_scale,
+                      batch_size=args.batch_size, precision=args.precision, progress=not args.no_progress)
     grid, paths = save_images(images, args.out, nrow=args.nrow)
     print(f"wrote {grid} and {len(paths)} images in {grid.with_suffix('')}/")
     return grid, paths
+
+
+def _check_args(args) -> None:
+    """What can be checked before the model is loaded: counts, and where the images will go."""
+    for name in ("n", "steps", "batch_size", "nrow"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.eta < 0:
+        raise UsageError(f"--eta {args.eta}: must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise UsageError(f"--out {out}: name an image file such as grid.png (the single images go to a folder "
+                         "of the same name)")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name an image file such as {out / 'grid.png'}")
+    existing = next(q for q in [out.parent, *out.parent.parents] if q.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write there ({existing} is "
+                         f"{'not a folder' if not existing.is_dir() else 'not writable'}); choose another path")
+
+
+def _check_device(name: str | None):
+    try:
+        return get_device(name)
+    except (RuntimeError, ValueError) as err:  # only from checking the name: a device not there, or no device
+        raise UsageError(f"--device {name}: {err}") from err
+
+
+def _check_against_model(args, config) -> None:
+    """What depends on the model: steps up to its timesteps, DDIM's eta, classes and guidance."""
+    T, conditional = config.diffusion.timesteps, config.model.num_classes is not None
+    if args.steps is not None and args.steps > T:
+        raise UsageError(f"--steps {args.steps}: this model was trained with {T} timesteps, so at most {T}")
+    method = args.method or samplers.default_sampler(config.diffusion.prediction_type, config.diffusion.schedule)[0]
+    if args.eta != 0 and method != "ddim":
+        raise UsageError(f"--eta {args.eta} applies to --method ddim only (the method here is {method})")
+    if (args.class_label is not None or args.guidance_scale != 1.0) and not conditional:
+        raise UsageError(f"{'--class-label' if args.class_label is not None else '--guidance-scale'} needs a "
+                         "class-conditional model; this one is unconditional (leave the option out)")
+    if args.class_label is not None and not 0 <= args.class_label < config.model.num_classes:
+        raise UsageError(f"--class-label {args.class_label}: this model has classes 0 to "
+                         f"{config.model.num_classes - 1}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,9 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import diffusion, viz
+from .checkpoint import UsageError
 from .config import PRESETS, RunConfig, TrainConfig, apply_overrides, parse_override_args
+from .data import IMAGE_EXTENSIONS, DataNotFoundError, detect_source
 from .device import autocast, describe_precision, get_device, keep_freed_memory, needs_grad_scaler, seed_everything
 from .ema import EMA
 from .sample import generate
@@ -245,6 +249,9 @@ class TrainLoop:
     # -- build and resume
 
     def start(self, resume: bool) -> None:
+        if self.d.main:  # one live run per folder; taking the lock also proves the folder writable, before any work
+            self.lock = ckpt.RunLock(self.run_dir).acquire()
+            weakref.finalize(self, self.lock.release)  # when this loop is collected, or at exit
         state, path = self._find_state(resume)
         dataset = self._load_data()
         self.cfg = resolve_config(self.cfg, dataset, self.d.world_size)
@@ -531,6 +538,9 @@ class TrainLoop:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def _config_from_args(args, rest: list[str]) -> RunConfig:
+    """The run's config from the command line: a preset (or, with --resume, the run folder's newest
+    checkpoint) plus overrides. Everything that can be known before any work is checked here, so a mistake
+    is refused before anything is written: UsageError, or ValueError from the config's own checks."""
     overrides = parse_override_args(rest)
     if args.data_root is not None:
         overrides["data.root"] = args.data_root
@@ -538,25 +548,80 @@ def _config_from_args(args, rest: list[str]) -> RunConfig:
         overrides["train.max_steps"] = str(args.max_steps)
     if args.epochs is not None:
         overrides["train.epochs"] = str(args.epochs)
+    saved = _resume_config(Path(args.out)) if args.resume else None
     if args.preset is not None:
         config = PRESETS[args.preset]()
-    elif args.resume and (Path(args.out) / "config.json").is_file():
-        config = RunConfig.load(Path(args.out) / "config.json")
-    elif args.resume and ckpt.find_latest(args.out) is not None:
-        config = RunConfig.from_dict(ckpt.load_checkpoint(ckpt.find_latest(args.out))["config"])
+    elif saved is not None:  # the checkpoint's own config: the one its weights were trained with
+        config = saved
     else:
-        raise ValueError("--preset is required for a new run (one of " + ", ".join(PRESETS) + ")")
+        raise UsageError("--preset is required for a new run (one of " + ", ".join(PRESETS) + ")")
+    if _detects_source(args, overrides):
+        config = _with_detected_source(config, Path(args.data_root))
     return apply_overrides(config, overrides)
 
 
+def _detects_source(args, overrides: dict) -> bool:
+    """Whether the data source comes from what --data-root holds: given a root, and no --data.source."""
+    given = {k.lstrip("-").replace("-", "_") for k in overrides}
+    return args.data_root is not None and not given & {"source", "data.source"}
+
+
+def _resume_config(out: Path) -> RunConfig:
+    """The config of the newest checkpoint in `out`, read and checked now, so that a corrupt, foreign or pickled
+    file, or weights that do not fit their config, are refused before the data is loaded."""
+    latest = ckpt.find_latest(out)
+    if latest is None:
+        raise UsageError(f"--resume asked for, but {out} holds no checkpoint (latest.pt or step_XXXXXXX.pt); "
+                         "start without --resume")
+    return ckpt.read_run_config(latest)
+
+
+def _with_detected_source(config: RunConfig, root: Path) -> RunConfig:
+    """--data-root without --data.source: a Flowers102 root trains as flowers102, a folder of images as
+    "folder". An existing folder with neither keeps a Flowers102 preset's source (it downloads there)."""
+    source = detect_source(root)
+    if source is None and config.data.source == "folder":
+        raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}, searched recursively, "
+                                "and no flowers-102/ in it; put your images there or pass another --data-root")
+    if source is None or source == config.data.source:
+        return config
+    return apply_overrides(config, {"data.source": source, **({"data.split": "all"} if source == "folder" else {})})
+
+
+def _check_environment(config: RunConfig, out: Path, resume: bool) -> None:
+    """What the config alone cannot say: whether its device is there, whether the batch splits over the
+    processes, whether a new run would land on an old run's checkpoints; plus the label rules resolve_config
+    would otherwise report only once the data is loaded."""
+    if not resume and ckpt.find_latest(out) is not None:
+        raise UsageError(f"{out} already holds checkpoints; pass --resume to continue that run, or choose a new "
+                         "--out folder")
+    try:
+        get_device(config.train.device)
+    except (RuntimeError, ValueError) as err:  # only from checking the device name
+        raise UsageError(f"--train.device {config.train.device}: {err}") from err
+    try:
+        check_batch_split(config.train, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if config.data.source == "folder" and config.data.root is None:
+        raise UsageError("data.source=folder needs the image folder: pass --data-root PATH")
+    if config.train.conditional and config.model.num_classes is None and config.data.source == "folder":
+        raise UsageError("--train.conditional true needs class labels, and a folder of images has none; "
+                         "use --train.conditional false or Flowers102")
+
+
 def main(argv: list[str] | None = None) -> TrainResult:
-    parser = argparse.ArgumentParser(
+    """The command line. A mistake in what was asked is one `error: ...` line and exit status 2, with nothing
+    written; a failure part-way (a full disk, non-finite loss) is one such line and status 1, the newest
+    checkpoint intact. Bugs keep their traceback."""
+    parser = ckpt.UsageParser(
         prog="python -m ddpm.train", allow_abbrev=False, epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a DDPM. Any config key can be overridden with --section.key VALUE or --key VALUE "
                     "(where unique), e.g. --train.lr 2e-4 --model.base_channels 64 --image_size 32.")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="starting config (required unless --resume)")
-    parser.add_argument("--data-root", help="sets data.root: the torchvision root for flowers102, or the image folder")
+    parser.add_argument("--data-root", help="sets data.root: a Flowers102 root (holding flowers-102/) or a folder "
+                                            "of images; which one is detected unless --data.source is given")
     parser.add_argument("--out", required=True, help="run folder: checkpoints, samples, log.jsonl, loss.png")
     parser.add_argument("--max-steps", type=int, help="sets train.max_steps")
     parser.add_argument("--epochs", type=float, help="sets train.epochs: passes over the data instead of max_steps")
@@ -565,21 +630,53 @@ def main(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     args, rest = parser.parse_known_args(argv)
     try:
-        config = _config_from_args(args, rest)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.print_config:
-        print(config.to_json())
-        return None
+        try:
+            config = _config_from_args(args, rest)
+        except ValueError as err:  # the config's own checks (unknown key, bad value); nothing else runs here
+            raise UsageError(str(err)) from err
+        if args.print_config:
+            print(config.to_json())
+            return None
+        _check_environment(config, Path(args.out), args.resume)
+    except UsageError as err:
+        ckpt.exit_with_error(err)
     keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back: 6-18% faster
     try:
         result = train(config, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
-    except (ckpt.CheckpointError, FileExistsError, FileNotFoundError, FloatingPointError) as err:
-        sys.exit(f"error: {err}")  # the message says what to do; a traceback would only bury it
+    except UsageError as err:  # found once training started: data that cannot be used, a locked folder
+        ckpt.exit_with_error(err)
+    except (FloatingPointError, ckpt.CheckpointWriteError) as err:  # the message names the last good checkpoint
+        ckpt.exit_with_error(err, code=1)
+    except OSError as err:
+        if err.errno not in _OUT_OF_SPACE:
+            raise
+        ckpt.exit_with_error(f"could not write {err.filename or 'a file'} in {args.out} ({err.strerror}); the newest "
+                             f"complete checkpoint is {ckpt.find_latest(args.out)}; free some space, then --resume",
+                             code=1)
+    except Exception as err:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        _exit_dist_failure(err, Path(args.out))
     if result.log_path is not None:
         last = result.history[-1]["loss"] if result.history else float("nan")
         print(f"step {result.step}: last loss {last:.4f}; checkpoint {result.checkpoint}")
     return result
+
+
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # writes the run cannot go on without
+
+
+def _exit_dist_failure(err: Exception, out: Path):
+    """Under torchrun one failed process stops the others at their next collective (Gloo and NCCL raise when a
+    peer's connection closes): show this process's traceback, then one line on what to do."""
+    import traceback
+
+    traceback.print_exc()
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    ckpt.exit_with_error(f"process {rank} of {world} of this DDP run stopped ({type(err).__name__}: "
+                         f"{ckpt.one_line(err)[:300]}); if another process failed first, its own error says why. "
+                         f"The newest complete checkpoint is {ckpt.find_latest(out)}: restart every process with "
+                         "--resume", code=1)
 
 
 if __name__ == "__main__":

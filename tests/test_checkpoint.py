@@ -1,6 +1,8 @@
 """ddpm.checkpoint: atomic saves, weights_only loads, clear errors, rotation, RNG round trips, config checks."""
 
+import json
 import random
+import socket
 
 import numpy as np
 import pytest
@@ -130,3 +132,182 @@ def test_find_latest_prefers_a_newer_step_file_than_latest(tmp_path):
     assert ckpt.find_latest(tmp_path) == tmp_path / "latest.pt"
     ckpt.save_checkpoint(tmp_path / "step_0000002.pt", {"step": 2})  # latest.pt still points at step 1
     assert ckpt.find_latest(tmp_path) == tmp_path / "step_0000002.pt"
+
+
+# ---------------------------------------------------------------------------------------------- errors users see
+
+def test_missing_checkpoints_are_checkpoint_errors_and_file_not_found(tmp_path):
+    for path in (tmp_path / "nope.pt", tmp_path):  # a file that is not there; a folder without checkpoints
+        with pytest.raises(ckpt.CheckpointNotFoundError) as err:
+            ckpt.load_checkpoint(path)
+        assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, ckpt.UsageError)
+    with pytest.raises(FileNotFoundError, match="no model 'nope'"):
+        ckpt.find_model("nope", tmp_path)
+
+
+def test_a_pickled_object_is_refused_and_said_so(tmp_path):
+    import pathlib
+
+    torch.save({"path": pathlib.PurePosixPath("/etc")}, tmp_path / "pickle.pt")
+    with pytest.raises(ckpt.CheckpointError, match="pickle.pt holds pickled Python objects.*not a ddpm checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "pickle.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage" * 100)  # unreadable, not pickled objects
+    with pytest.raises(ckpt.CheckpointError, match="garbage.pt could not be read .truncated or corrupt"):
+        ckpt.load_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_run_state_checks_name_what_is_missing():
+    from ddpm.config import preset
+
+    config = preset("quick", **{"image_size": 16, "model.channel_mults": (1, 2)}).to_dict()
+    with pytest.raises(ckpt.CheckpointError, match=r"x.pt is not a ddpm checkpoint: it has no 'config', 'model', "
+                                                   r"'ema' \(its keys: weight\)"):
+        ckpt.check_run_state({"weight": torch.zeros(1)}, "x.pt")
+    export = {"weights": "ema", "config": config, "model": {}}
+    assert ckpt.check_run_state(export, "e.pt").model.image_size == 16  # an export can be sampled from
+    with pytest.raises(ckpt.CheckpointError, match="e.pt is an exported model .*not resumed"):
+        ckpt.check_run_state(export, "e.pt", resumable=True)
+    with pytest.raises(ckpt.CheckpointError, match="config stored in y.pt cannot be read"):
+        ckpt.check_run_state({"config": {"model": {"nonsense": 1}}, "model": {}, "ema": {}}, "y.pt")
+
+
+def test_read_run_config_refuses_weights_of_another_architecture(tmp_path):
+    from ddpm.config import preset
+    from ddpm.unet import UNet
+
+    config = preset("quick", **{"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2),
+                                "model.groups": 8})
+    weights = UNet(config.model).state_dict()
+    state = {"step": 3, "config": config.to_dict(), "model": weights, "ema": {"shadow": weights}, "optimizer": {}}
+    ckpt.save_run_checkpoint(tmp_path, state, step=3)
+    assert ckpt.read_run_config(tmp_path) == config
+    state["config"]["model"]["base_channels"] = 32
+    ckpt.save_run_checkpoint(tmp_path, state, step=4)
+    with pytest.raises(ckpt.CheckpointError, match=r"model weights in .*latest.pt do not fit the model its config "
+                                                   r"describes.*: \S+ is \(16.*\), the model has \(32.* "
+                                                   r"\(and \d+ more\)"):
+        ckpt.read_run_config(tmp_path)
+
+
+def test_one_line_joins_a_message_where_it_broke():
+    assert ckpt.one_line("a:\n  b\n  c\nd.\ne") == "a: b; c; d. e"
+    assert ckpt.one_line(ValueError("")) == "ValueError"
+
+
+@pytest.mark.parametrize("fail_at", ["step file", "latest.pt copy"])
+def test_a_failed_save_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail_at):
+    import errno
+
+    ckpt.save_run_checkpoint(tmp_path, {"step": 1}, step=1)
+    real_save = torch.save
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fail_at == "step file":
+        monkeypatch.setattr(torch, "save", disk_full)
+    else:  # no hard links here, and the copy runs out of space
+        monkeypatch.setattr(ckpt.os, "link", disk_full)
+        monkeypatch.setattr(ckpt.shutil, "copyfile", disk_full)
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
+        ckpt.save_run_checkpoint(tmp_path, {"step": 2}, step=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "step_0000002.pt")
+    message = str(err.value)
+    target = tmp_path / "step_0000002.pt"
+    assert message.startswith(f"could not write the checkpoint {target} (No space left on device)")
+    newest = ckpt.find_latest(tmp_path)
+    assert f"the newest complete checkpoint is {newest}" in message and "--resume" in message
+    # nothing half-written anywhere; the newest complete checkpoint is whole (step 2's file, when only latest.pt failed)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert ckpt.load_checkpoint(newest)["step"] == (1 if fail_at == "step file" else 2)
+
+
+# ---------------------------------------------------------------------------------------------- the run lock
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_lock_refuses_a_live_run_and_is_released(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "a" / "run"
+    lock = ckpt.RunLock(run).acquire()
+    record = json.loads((run / ".lock").read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    # another process asking for it is refused, naming this one
+    other = subprocess.run([sys.executable, "-c", "import sys; from ddpm.checkpoint import RunLock; "
+                            f"RunLock({str(run)!r}).acquire()"], capture_output=True, text=True)
+    assert other.returncode != 0
+    assert f"in use by another run (pid {os.getpid()} on {socket.gethostname()}" in other.stderr
+    lock.release()
+    lock.release()  # twice is fine
+    assert not (tmp_path / "a").exists()  # the lock, and the folders acquire() made (still empty), are gone
+
+    first = ckpt.RunLock(tmp_path).acquire()
+    again = ckpt.RunLock(tmp_path).acquire()  # the same process again (a notebook training the folder twice)
+    first.release()  # no longer its lock: the file stays
+    assert (tmp_path / ".lock").exists()
+    again.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_stale_lock_is_taken_over_and_leftover_temp_files_cleared(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "time": 0}))
+    (tmp_path / ".step_0000004.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # a killed writer's leftover
+    (tmp_path / "keep.tmp").write_text("not ours: no leading dot")
+    with ckpt.RunLock(tmp_path) as lock:
+        assert json.loads((tmp_path / ".lock").read_text())["token"] == lock.record["token"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "keep.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp"]  # an existing folder is never removed
+
+
+@pytest.mark.parametrize("holder, stale", [
+    ({"pid": "dead"}, True),
+    ({"started": "another start time"}, True),      # the pid lives, but it is another process now (pid reuse)
+    ({"boot": "another boot"}, True),               # the machine rebooted since
+    ({"host": "elsewhere"}, False),                 # cannot be judged from here: refused, with what to do
+    ({}, False),                                    # this very process's pid on this host: alive
+], ids=["dead pid", "pid reused", "rebooted", "another host", "alive"])
+def test_which_locks_are_stale(tmp_path, holder, stale):
+    import os
+
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": ckpt._process_start(os.getpid()),
+              "boot": ckpt._boot_id(), "time": 0, "token": "x"}
+    record.update(holder)
+    if record["pid"] == "dead":
+        record["pid"] = _dead_pid()
+    if "started" in holder and record["started"] and ckpt._process_start(os.getpid()) is None:
+        pytest.skip("no /proc here: process start times cannot be read")
+    if "boot" in holder and ckpt._boot_id() is None:
+        pytest.skip("no boot id here")
+    assert ckpt._is_stale(record, tmp_path / ".lock") is stale
+    if not stale and "host" in holder:
+        (tmp_path / ".lock").write_text(json.dumps(record))
+        with pytest.raises(ckpt.RunFolderError, match=r"runs on another machine.*if it is not, delete .*\.lock"):
+            ckpt.RunLock(tmp_path).acquire()
+
+
+def test_an_empty_lock_is_stale_only_once_its_writer_had_time(tmp_path):
+    import os
+
+    lock = tmp_path / ".lock"
+    lock.write_text("")  # created, not yet written: a run starting this very moment
+    assert not ckpt._is_stale(None, lock)
+    os.utime(lock, (0, 0))  # ...or one killed between the two, long ago
+    assert ckpt._is_stale(None, lock)
+
+
+def test_an_unwritable_run_folder_is_refused_before_anything(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ckpt.RunFolderError, match="cannot write to the run folder .*afile/run"):
+        ckpt.RunLock(tmp_path / "afile" / "run").acquire()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

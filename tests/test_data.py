@@ -151,7 +151,7 @@ def test_folder_with_every_kind_of_bad_input(messy_folder, tmp_path):
     skipped = next(str(w.message) for w in caught if "unreadable" in str(w.message))
     for bad in ("corrupt.jpg", "truncated.jpg", "truncated.png", "not_an_image.jpg"):
         assert bad in skipped
-    assert "skipped 4 unreadable" in skipped
+    assert "skipped 4 unreadable" in skipped and "using the other 10:" in skipped  # named, and the count used
     assert "upsampled: tiny.png" in text and "bands.jpg" not in text
 
     good = ["UPPER.JPG", "a/b/nested.png", "bands.jpg", "cmyk.jpg", "gray.png", "gray16.png", "palette.png",
@@ -259,6 +259,77 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(tmp_path):
         rebuilt = load_dataset("folder", root, image_size=8, cache_dir=cache)
     assert not rebuilt.source_info["from_cache"] and torch.equal(rebuilt.images, first.images)
     assert load_dataset("folder", root, image_size=8, cache_dir=cache).source_info["from_cache"]
+
+
+def test_damaged_cache_is_found_by_its_checksum_and_rebuilt(tmp_path):
+    # torch.load reads a flipped bit in a tensor without complaint: only the checksum written with the cache sees it
+    root, cache = small_folder(tmp_path / "imgs"), tmp_path / "cache"
+    first = load_dataset("folder", root, image_size=8, cache_dir=cache)
+    path = Path(first.source_info["cache_path"])
+    raw = bytearray(path.read_bytes())
+    pixels = first.images.numpy().tobytes()
+    at = bytes(raw).find(pixels)  # the stored pixels: flip one bit in them
+    assert at > 0
+    raw[at + 5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert not torch.equal(torch.load(path, weights_only=True)["images"], first.images)  # loads, wrong pixels
+    with pytest.warns(UserWarning, match=f"cache file {path} is unreadable .*checksum differs.*rebuilding"):
+        rebuilt = load_dataset("folder", root, image_size=8, cache_dir=cache)
+    assert not rebuilt.source_info["from_cache"] and torch.equal(rebuilt.images, first.images)
+    assert load_dataset("folder", root, image_size=8, cache_dir=cache).source_info["from_cache"]
+
+
+def test_read_cache_checks_size_checksum_and_the_callers_own_test(tmp_path):
+    payload = {"features": torch.arange(12.0).reshape(3, 4), "version": 1, "names": ["a", "b"]}
+    assert data.write_cache(tmp_path / "c.pt", payload)
+    back = data.read_cache(tmp_path / "c.pt")
+    assert back.keys() == payload.keys() and torch.equal(back["features"], payload["features"])
+    assert data.read_cache(tmp_path / "absent.pt") is None  # no file: no warning, just nothing cached
+
+    def wrong_version(p):
+        if p["version"] != 2:
+            raise ValueError(f"version {p['version']}, expected 2")
+    with pytest.warns(UserWarning, match="c.pt is unreadable or does not match .ValueError: version 1, expected 2"):
+        assert data.read_cache(tmp_path / "c.pt", check=wrong_version) is None
+    torch.save(payload, tmp_path / "old.pt")  # written without a checksum (an older version)
+    with pytest.warns(UserWarning, match="old.pt .*no checksum"):
+        assert data.read_cache(tmp_path / "old.pt") is None
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state["names"] = ["a", "x"]  # damage outside the tensors counts too
+    torch.save(state, tmp_path / "c.pt")
+    with pytest.warns(UserWarning, match="checksum differs"):
+        assert data.read_cache(tmp_path / "c.pt") is None
+
+
+def test_detect_source(tmp_path, flowers_root):
+    assert data.detect_source(flowers_root) == "flowers102"
+    small_folder(tmp_path / "imgs" / "deep")
+    assert data.detect_source(tmp_path / "imgs") == "folder"  # images in a subfolder count
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    assert data.detect_source(tmp_path / "empty") is None  # only a Flowers102 download could fill it
+    (tmp_path / "partial" / "flowers-102").mkdir(parents=True)
+    (tmp_path / "partial" / "flowers-102" / "setid.mat").write_bytes(b"")
+    assert data.detect_source(tmp_path / "partial") == "flowers102"  # an incomplete copy is still that layout
+    with pytest.raises(data.DataNotFoundError, match="data folder .*nope does not exist"):
+        data.detect_source(tmp_path / "nope")
+    with pytest.raises(data.DataNotFoundError, match="notes.txt is a file, not a folder"):
+        data.detect_source(tmp_path / "empty" / "notes.txt")
+
+
+def test_data_problems_are_usage_errors_of_the_old_types(tmp_path):
+    from ddpm.checkpoint import UsageError
+
+    with pytest.raises(FileNotFoundError) as missing:
+        load_dataset("folder", tmp_path / "nope", image_size=8, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError) as bad_size:
+        load_dataset("folder", tmp_path, image_size=0, cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="batch_size=8 is larger than rank 0's shard of 4 images") as too_few:
+        BatchStream(numbered(4), batch_size=8)
+    with pytest.raises(FileNotFoundError, match="download=False") as no_flowers:
+        data.ensure_flowers102(tmp_path, download=False)
+    for err in (missing, bad_size, too_few, no_flowers):
+        assert isinstance(err.value, UsageError)  # the command lines print these as one line, status 2
 
 
 # -----------------------------------------------------------------------------

@@ -142,6 +142,16 @@ def _replaced_atomically(path: Path):
     _fsync_dir(path.parent)
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file (config.json, log.jsonl) so a kill mid-write leaves the old one, never half."""
+    path = Path(path)
+    with _replaced_atomically(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
 

@@ -24,12 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import diffusion, samplers
+from .checkpoint import UsageError
 from .data import SOURCES, SPLITS
 from .device import PRECISIONS
 from .schedules import make_schedule
-from .unet import UNetConfig, unet_preset
+from .unet import UNetConfig, check_keys, unet_preset
 
 LR_DECAYS = ("none", "cosine", "linear")
+
+
+class ConfigError(UsageError, ValueError):
+    """A run config that cannot train as asked (found when the data is known); the CLI prints it as one line."""
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -86,6 +91,7 @@ class TrainConfig:
     conditional: bool = False           # class-conditional (Flowers102 labels); num_classes from the data
     class_dropout: float = 0.1          # share of labels replaced by the null class (classifier-free guidance)
     device: str = "auto"                # "auto" | "cuda" | "mps" | "cpu"
+    dist_timeout_s: float = 600.0       # DDP: a peer silent this long (hung, or gone before the rendezvous) stops the run
 
     def __post_init__(self):
         checks = {
@@ -101,7 +107,7 @@ class TrainConfig:
             "sample_every": (self.sample_every >= 0, ">= 0 (0 = never)"),
         }
         positive = ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every", "lr",
-                    "epochs", "sample_every_epochs", "checkpoint_every_epochs")
+                    "epochs", "sample_every_epochs", "checkpoint_every_epochs", "dist_timeout_s")
         for name in positive:
             value = getattr(self, name)
             checks[name] = (value is None or value > 0, "a positive value")
@@ -194,15 +200,8 @@ def _section_to_dict(section) -> dict:
     return section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
 
 
-def check_keys(given, valid, where: str) -> None:
-    """The one "unknown key" check: raise naming the unknown keys, where they were, and the valid ones."""
-    unknown = set(given) - set(valid)
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; valid: {', '.join(sorted(valid))}")
-
-
 def _section_from_dict(cls, d: dict, name: str):
-    check_keys(d, {f.name for f in dataclasses.fields(cls)}, f"config section '{name}'")
+    check_keys(d, {f.name for f in dataclasses.fields(cls)}, f"key(s) in config section '{name}'")
     return cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)
 
 

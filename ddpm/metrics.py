@@ -38,8 +38,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .checkpoint import save_checkpoint
-from .data import cache_root
+from .data import cache_root, read_cache, write_cache
 from .device import get_device
 
 WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
@@ -355,6 +354,15 @@ def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets
 # The evaluator: extractor + cached real features, scores generated images batch by batch
 
 
+def _check_real_features(payload: dict, n: int, extractor) -> None:
+    """read_cache's check: the version, weights and shape the key promised (a ValueError says which differs)."""
+    if payload.get("version") != CACHE_VERSION or payload.get("extractor") != extractor.identity:
+        raise ValueError("cache version or Inception weights differ")
+    features = payload["features"]
+    if not features.is_floating_point() or tuple(features.shape) != (n, extractor.num_features):
+        raise ValueError(f"features are {features.dtype} {tuple(features.shape)} for {n} images")
+
+
 def _real_images(real) -> tuple[torch.Tensor, dict]:
     """uint8 (N, 3, H, W) real images and what they are, from a tensor or an ImageDataset-like object."""
     info = dict(getattr(real, "source_info", None) or {})
@@ -416,14 +424,14 @@ class FIDEvaluator:
             label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{split}")  # a label, not a path: no slashes
             stem = f"inception-{label}-{h}x{w}-n{len(images)}-{key.hexdigest()[:16]}"
             self.cache_path = Path(cache_dir) / f"{stem}.pt"
-            if self.cache_path.is_file():
-                self.real_features = torch.load(self.cache_path, map_location="cpu", weights_only=True)["features"]
-                self.real_from_cache = True
+            cached = read_cache(self.cache_path, check=lambda p: _check_real_features(p, len(images), self.extractor))
+            if cached is not None:  # a truncated or damaged file is rebuilt, with a warning
+                self.real_features, self.real_from_cache = cached["features"], True
         if self.real_features is None:
             self.real_features = extract_features(self.extractor, images, batch_size=batch_size)
             if self.cache_path is not None:
-                save_checkpoint(self.cache_path, {"features": self.real_features, "version": CACHE_VERSION,
-                                                  "extractor": self.extractor.identity})  # atomic
+                write_cache(self.cache_path, {"features": self.real_features, "version": CACHE_VERSION,
+                                              "extractor": self.extractor.identity})  # atomic, with a checksum
         self._fid, self._kid, self._metric_device = _metrics(self.extractor.num_features, kid_subsets=kid_subsets,
                                                              device=self.extractor.device)
         self._real_on_device = self.real_features.to(self._metric_device)

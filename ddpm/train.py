@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import errno
 import json
 import math
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import diffusion, viz
 from .checkpoint import UsageError
-from .config import PRESETS, RunConfig, TrainConfig, apply_overrides, parse_override_args
+from .config import PRESETS, ConfigError, RunConfig, TrainConfig, apply_overrides, parse_override_args
 from .data import IMAGE_EXTENSIONS, DataNotFoundError, detect_source
 from .device import autocast, describe_precision, get_device, keep_freed_memory, needs_grad_scaler, seed_everything
 from .ema import EMA
@@ -121,8 +122,9 @@ class DistInfo:
         return out
 
 
-def setup_dist(device_pref: str) -> tuple[DistInfo, torch.device]:
-    """DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
+def setup_dist(device_pref: str, *, timeout_s: float = 600.0) -> tuple[DistInfo, torch.device]:
+    """DDP from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise. A collective
+    that waits longer than timeout_s for a peer (one that hangs, or died before the rendezvous) raises."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
         return DistInfo(), get_device(device_pref)
@@ -135,7 +137,8 @@ def setup_dist(device_pref: str) -> tuple[DistInfo, torch.device]:
         raise RuntimeError("DDP on MPS is not supported; use device='cpu' (Gloo) or CUDA (NCCL)")
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
         created = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, created), device
 
@@ -146,11 +149,11 @@ def resolve_config(cfg: RunConfig, dataset, world_size: int) -> RunConfig:
     tc = cfg.train
     if tc.conditional and cfg.model.num_classes is None:
         if dataset.num_classes is None:
-            raise ValueError(f"train.conditional=true needs class labels, but the {cfg.data.source} data at "
+            raise ConfigError(f"train.conditional=true needs class labels, but the {cfg.data.source} data at "
                              f"{cfg.data.root} has none; use --train.conditional false")
         cfg = apply_overrides(cfg, {"model.num_classes": dataset.num_classes})
     elif not tc.conditional and cfg.model.num_classes is not None:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but train.conditional=false; set "
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but train.conditional=false; set "
                          "--train.conditional true, or --model.num_classes none for an unconditional model")
     micro = tc.batch_size // (world_size * tc.grad_accum)
     steps_per_epoch = max(1, (len(dataset) // world_size) // micro // tc.grad_accum)
@@ -162,7 +165,7 @@ def check_batch_split(tc: TrainConfig, world_size: int) -> int:
     """Images per micro-batch on each process."""
     per_rank = tc.batch_size // (world_size * tc.grad_accum)
     if per_rank < 1 or per_rank * world_size * tc.grad_accum != tc.batch_size:
-        raise ValueError(f"batch_size={tc.batch_size} must divide evenly into world_size={world_size} x "
+        raise ConfigError(f"batch_size={tc.batch_size} must divide evenly into world_size={world_size} x "
                          f"grad_accum={tc.grad_accum} micro-batches")
     return per_rank
 
@@ -184,7 +187,12 @@ def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
 def _read_history(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a row torn by a kill mid-append: the rows after the checkpoint go anyway
+            break
     return [r for r in rows if r["step"] <= upto]
 
 
@@ -221,13 +229,16 @@ def train(config: RunConfig, *, out_dir, resume: bool = False, max_steps: int | 
                (e.g. ddpm.viz.TrainingMonitor()).
     Under torchrun (WORLD_SIZE > 1) this runs DDP; only rank 0 writes files.
     """
-    d, device = setup_dist(config.train.device)
+    d, device = setup_dist(config.train.device, timeout_s=config.train.dist_timeout_s)
+    loop = None
     try:
         loop = TrainLoop(RunConfig.from_dict(config.to_dict()), Path(out_dir), d=d, device=device,
                          callback=callback, progress=progress)
         loop.start(resume)
         return loop.run(max_steps)
     finally:
+        if getattr(loop, "lock", None) is not None:
+            loop.lock.release()  # now, not when the loop object is collected
         if d.created and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -238,7 +249,7 @@ class TrainLoop:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, d: DistInfo, device: torch.device, callback=None,
                  progress: bool = True):
         if cfg.data.source == "folder" and cfg.data.root is None:
-            raise ValueError("data.source='folder' needs the image folder: pass --data-root PATH (data.root)")
+            raise ConfigError("data.source='folder' needs the image folder: pass --data-root PATH (data.root)")
         self.cfg, self.run_dir, self.d, self.device = cfg, run_dir, d, device
         self.callback, self.progress = callback, progress
         self.per_rank = check_batch_split(cfg.train, d.world_size)
@@ -345,9 +356,10 @@ class TrainLoop:
         if not self.d.main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.run_dir / "config.json")
+        ckpt.write_text_atomically(self.run_dir / "config.json", self.cfg.to_json() + "\n")
         self.history = _read_history(self.log_path, self.step)
-        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))  # drop rows past the ckpt
+        rows = "".join(json.dumps(r) + "\n" for r in self.history)
+        ckpt.write_text_atomically(self.log_path, rows)  # drops rows past the checkpoint
 
     # -- the hot loop: no host-device sync except at log, checkpoint and sample steps
 

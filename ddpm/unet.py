@@ -55,6 +55,14 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, *, max_period: float =
 # Config and presets
 
 
+def check_keys(given, valid, what: str) -> None:
+    """The one "unknown key" check of every config (UNetConfig here, the run config's sections in ddpm.config):
+    names the unknown keys and lists the valid ones."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; valid: {', '.join(sorted(valid))}")
+
+
 @dataclass
 class UNetConfig:
     image_size: int = 64
@@ -112,10 +120,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; valid: {sorted(known)}")
+        check_keys(d, {f.name for f in dataclasses.fields(cls)}, "UNetConfig keys")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -152,10 +157,7 @@ def unet_preset(image_size: int, /, variant: str = "attention", **overrides) -> 
                   head_dim=64, dropout=0.0)
     if variant == "simple":
         kwargs.update(attention_resolutions=(), mid_attention=False)
-    known = {f.name for f in dataclasses.fields(UNetConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown UNetConfig overrides {unknown}; valid: {sorted(known)}")
+    check_keys(overrides, {f.name for f in dataclasses.fields(UNetConfig)}, "UNetConfig overrides")
     kwargs.update(overrides)
     return UNetConfig(**kwargs)
 

@@ -630,23 +630,27 @@ def schedule_sliders(image: torch.Tensor, make_schedule, defaults: dict, *, valu
 
 
 class GeneratePanel:
-    """A small app: pick a checkpoint, sampler, steps, seed (class and guidance for conditional
-    models), press Generate, watch the progress bar, get the grid.
+    """A small app: pick a model, sampler, steps, seed and number of images (a flower class and the guidance
+    weight for conditional models), press Generate, watch the progress bar, get the grid; Save writes the grid
+    and every image as PNG into a folder named after the settings, plus a zip offered as a download link.
 
-    checkpoints: {name: path} of checkpoints (files or run folders).
+    checkpoints: {name: path} of models (exported .pt files, checkpoints or run folders).
     load:        ddpm.checkpoint.load_model (path -> (model, schedule, config)); models are loaded once.
     generate:    ddpm.sample.generate (model, schedule, config, n=..., method=..., ...) -> images.
-    methods:     the samplers offered; each checkpoint starts on its own default sampler and steps
+    methods:     the samplers offered; each model starts on its own default sampler and steps
                  (ddpm.samplers.default_sampler), unless steps is given.
+    save_dir:    where Save writes (relative to the notebook's folder, so Jupyter can serve the zip).
     panel.figure(...) generates without widgets and returns the grid figure (the static fallback).
     """
 
     def __init__(self, checkpoints: dict, *, load, generate, methods=("ddim", "dpmpp_2m_sde", "dpmpp_2m", "ddpm"),
-                 steps: int | None = None, n: int = 16, seed: int = 0):
+                 steps: int | None = None, n: int = 16, seed: int = 0, save_dir="generated"):
         if not checkpoints:
             raise ValueError("GeneratePanel needs at least one checkpoint ({name: path}); train one first")
         self.checkpoints, self.load, self.generate = dict(checkpoints), load, generate
         self.methods, self.steps, self.n, self.seed = tuple(methods), steps, n, seed
+        self.save_dir = Path(save_dir)
+        self.last = None  # (images, settings) of the last Generate, what Save writes
         self._models: dict = {}
         self._widget = None
 
@@ -655,15 +659,15 @@ class GeneratePanel:
             self._models[name] = self.load(self.checkpoints[name])
         return self._models[name]
 
-    def figure(self, name: str | None = None, *, method: str | None = None, steps: int | None = None,
-               seed: int | None = None, class_label: int | None = None, guidance_scale: float = 1.0,
-               progress=None) -> Figure:
-        """Generate self.n images and return their grid (what the button does)."""
+    def images(self, name: str | None = None, *, method: str | None = None, steps: int | None = None,
+               seed: int | None = None, n: int | None = None, class_label: int | None = None,
+               guidance_scale: float = 1.0, progress=None) -> tuple[torch.Tensor, dict]:
+        """Generate and return (images, settings); the settings name the Save folder and title the grid."""
         name = name or next(iter(self.checkpoints))
         model, schedule, config = self.model(name)
         default_method, default_steps = self.default_sampler(name)
         method, steps = method or default_method, steps or default_steps
-        kwargs = {"n": self.n, "method": method, "steps": min(steps, schedule.timesteps),
+        kwargs = {"n": n or self.n, "method": method, "steps": min(steps, schedule.timesteps),
                   "seed": self.seed if seed is None else seed, "progress": False}
         if config.model.num_classes is not None:
             kwargs.update(class_label=class_label, guidance_scale=guidance_scale)
@@ -671,13 +675,36 @@ class GeneratePanel:
             kwargs["callback"] = progress
         start = time.perf_counter()
         images = self.generate(model, schedule, config, **kwargs)
-        seconds = time.perf_counter() - start
-        label = f", class {class_label}, guidance {guidance_scale:g}" if "class_label" in kwargs else ""
-        return grid_figure(images, title=f"{name}: {method}, {kwargs['steps']} steps, seed {kwargs['seed']}"
-                                         f"{label} ({seconds:.1f} s)")
+        settings = {"model": name, **{k: v for k, v in kwargs.items() if k not in ("progress", "callback")},
+                    "seconds": time.perf_counter() - start}
+        self.last = (images, settings)
+        return images, settings
+
+    def figure(self, name: str | None = None, **options) -> Figure:
+        """Generate (as images()) and return the grid figure: what the button shows."""
+        images, s = self.images(name, **options)
+        label = f", class {s['class_label']}, guidance {s['guidance_scale']:g}" if "class_label" in s else ""
+        return grid_figure(images, title=f"{s['model']}: {s['method']}, {s['steps']} steps, seed {s['seed']}"
+                                         f"{label} ({s['seconds']:.1f} s)")
+
+    def save(self) -> tuple[Path, Path]:
+        """Write the last generated images: save_dir/SETTINGS/grid.png, 000.png, ..., and SETTINGS.zip beside it."""
+        import shutil
+
+        if self.last is None:
+            raise RuntimeError("nothing generated yet: press Generate (or call figure()/images()) first")
+        images, s = self.last
+        label = f"_class{s['class_label']}_guidance{s['guidance_scale']:g}" if "class_label" in s else ""
+        folder = self.save_dir / f"{s['model']}_{s['method']}_{s['steps']}steps_seed{s['seed']}_n{s['n']}{label}"
+        save_grid(images, folder / "grid.png")
+        width = max(3, len(str(len(images) - 1)))
+        for i, image in enumerate(images):
+            save_grid(image[None], folder / f"{i:0{width}d}.png", padding=0)
+        archive = Path(shutil.make_archive(str(folder), "zip", root_dir=folder))
+        return folder, archive
 
     def default_sampler(self, name: str) -> tuple[str, int]:
-        """(method, steps) the panel starts on for checkpoint `name`: the model's own default sampler,
+        """(method, steps) the panel starts on for model `name`: the model's own default sampler,
         at self.steps if set."""
         d = self.model(name)[2].diffusion
         method, steps = default_sampler(d.prediction_type, d.schedule)
@@ -689,57 +716,85 @@ class GeneratePanel:
             self._widget = self._build()
         return self._widget
 
+    def _controls(self) -> dict:
+        import ipywidgets as w
+
+        return {"pick": w.Dropdown(options=list(self.checkpoints), description="model"),
+                "method": w.Dropdown(options=list(self.methods), description="sampler"),
+                "steps": w.IntSlider(value=self.steps or 20, min=1, max=1000, description="steps"),
+                "seed": w.IntText(value=self.seed, description="seed"),
+                "n": w.IntSlider(value=self.n, min=1, max=256, description="images"),
+                "label": w.Dropdown(options=[("(none)", 0)], description="class"),
+                "guidance": w.FloatSlider(value=1.0, min=0.0, max=10.0, step=0.5, description="guidance"),
+                "button": w.Button(description="Generate", button_style="primary"),
+                "save": w.Button(description="Save", disabled=True),
+                "bar": w.IntProgress(value=0, min=0, max=1, description="progress"),
+                "out": w.Output(), "files": w.Output()}
+
     def _build(self):
         import ipywidgets as w
 
-        pick = w.Dropdown(options=list(self.checkpoints), description="checkpoint")
-        method = w.Dropdown(options=list(self.methods), description="sampler")
-        steps = w.IntSlider(value=self.steps or 20, min=1, max=1000, description="steps")
-        seed = w.IntText(value=self.seed, description="seed")
-        label = w.IntSlider(value=0, min=0, max=1, description="class")
-        guidance = w.FloatSlider(value=1.0, min=0.0, max=10.0, step=0.5, description="guidance")
-        button = w.Button(description="Generate", button_style="primary")
-        bar = w.IntProgress(value=0, min=0, max=1, description="progress")
-        out = w.Output()
+        c = self._controls()
+        c["pick"].observe(lambda _: self._on_pick(c), names="value")
+        c["button"].on_click(lambda _: self._on_generate(c))
+        c["save"].on_click(lambda _: self._on_save(c))
+        self._on_pick(c)
+        box = w.VBox([w.HBox([c["pick"], c["method"]]), w.HBox([c["steps"], c["seed"]]), w.HBox([c["n"]]),
+                      w.HBox([c["label"], c["guidance"]]), w.HBox([c["button"], c["bar"], c["save"]]),
+                      c["out"], c["files"]])
+        box.controls = c  # for tests and for users who want to drive the panel from code
+        return box
 
-        def on_pick(_=None):
-            config = self.model(pick.value)[2]
-            classes = config.model.num_classes
-            label.disabled = guidance.disabled = classes is None
-            label.max = max(classes - 1, 1) if classes else 1
-            default_method, steps.value = self.default_sampler(pick.value)
-            if default_method in self.methods:
-                method.value = default_method
+    def _on_pick(self, c) -> None:
+        classes = self.model(c["pick"].value)[2].model.num_classes
+        c["label"].disabled = c["guidance"].disabled = classes is None
+        c["label"].options = class_options(classes) if classes else [("(none)", 0)]
+        default_method, c["steps"].value = self.default_sampler(c["pick"].value)
+        if default_method in self.methods:
+            c["method"].value = default_method
 
-        def on_click(_):
-            button.disabled = True
-            bar.value, bar.max = 0, steps.value
+    def _on_generate(self, c) -> None:
+        c["button"].disabled = True
+        c["bar"].value, c["bar"].max = 0, c["steps"].value
 
-            def progress(i, *args):
-                bar.value = i + 1
-            try:
-                fig = self.figure(pick.value, method=method.value, steps=steps.value, seed=seed.value,
-                                  class_label=None if label.disabled else label.value,
-                                  guidance_scale=guidance.value, progress=progress)
-                bar.value = bar.max
-                with out:
-                    out.clear_output(wait=True)
-                    _display()(fig)
-            except Exception as err:  # noqa: BLE001 -- any failure is shown in the panel, not lost in a log
-                with out:
-                    out.clear_output()
-                    print(f"{type(err).__name__}: {err}")
-            finally:
-                button.disabled = False
+        def progress(i, *args):
+            c["bar"].value = i + 1
+        try:
+            fig = self.figure(c["pick"].value, method=c["method"].value, steps=c["steps"].value,
+                              seed=c["seed"].value, n=c["n"].value, guidance_scale=c["guidance"].value,
+                              class_label=None if c["label"].disabled else c["label"].value, progress=progress)
+            c["bar"].value = c["bar"].max
+            c["save"].disabled = False
+            with c["out"]:
+                c["out"].clear_output(wait=True)
+                _display()(fig)
+        except Exception as err:  # noqa: BLE001 -- any failure is shown in the panel, not lost in a log
+            with c["out"]:
+                c["out"].clear_output()
+                print(f"{type(err).__name__}: {err}")
+        finally:
+            c["button"].disabled = False
 
-        pick.observe(on_pick, names="value")
-        button.on_click(on_click)
-        on_pick()
-        return w.VBox([w.HBox([pick, method]), w.HBox([steps, seed]), w.HBox([label, guidance]),
-                       w.HBox([button, bar]), out])
+    def _on_save(self, c) -> None:
+        from IPython.display import FileLink
+
+        folder, archive = self.save()
+        with c["files"]:
+            c["files"].clear_output()
+            print(f"wrote {folder}/ (grid.png and {len(self.last[0])} images)")
+            _display()(FileLink(str(archive), result_html_prefix="download: "))
 
     def _ipython_display_(self):
         _display()(self.widget)
+
+
+def class_options(num_classes: int) -> list[tuple[str, int]]:
+    """(label, class index) choices for a class picker: Flowers102's names for its 102 classes, else numbers."""
+    if num_classes == 102:
+        from .data import flowers102_class_names
+
+        return [(f"{i}: {name}", i) for i, name in enumerate(flowers102_class_names())]
+    return [(str(i), i) for i in range(num_classes)]
 
 
 if __name__ == "__main__":

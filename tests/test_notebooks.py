@@ -1,8 +1,8 @@
 """The notebooks: committed clean, thin (no functions), and each runs top to bottom in QUICK mode.
 
 Execution uses ddpm.demo (what `make demo` runs) on the shared Flowers102 mini copy; each notebook's
-executed copy, checkpoints and files go to a temporary folder. 04 and 05 reuse the quick checkpoint
-03 trains (they train a stand-in themselves when run alone). This module takes minutes, not seconds:
+executed copy, checkpoints and files go to a temporary folder. 04 and 05 sample the model the repository
+ships (checkpoints/cpu64.pt); 03 trains its own tiny one. This module takes minutes, not seconds:
 deselect it with `pytest -k "not notebooks"` for a fast loop.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from ddpm import demo
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = demo.notebook_paths()
+NOTEBOOKS = demo.notebook_paths(REPO / "notebooks")
 EXPECTED = ["01_data_exploration.ipynb", "02_forward_noising.ipynb", "03_training.ipynb", "04_sampling.ipynb",
             "05_fid_evaluation.ipynb"]
 
@@ -68,7 +68,8 @@ def test_demo_injects_parameters_and_reports_failures(tmp_path, capsys):
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(ok, folder / "01_ok.ipynb")
     nbformat.write(bad, folder / "02_bad.ipynb")
-    code = demo.main(["--dir", str(folder), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path)])
+    code = demo.main(["--dir", str(folder), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path),
+                      "--no-data-check"])
     assert code == 1
     err = capsys.readouterr().err
     assert "02_bad.ipynb (ValueError: boom" in err and "01_ok" not in err
@@ -113,6 +114,7 @@ def test_notebook_runs_in_quick_mode(path, workdir):
         assert (tmp / "checkpoints" / "quick" / "latest.pt").is_file()
     if path.name.startswith("04"):
         assert list((tmp / "files").glob("*.gif")), "04 should save the denoising GIF"
+        assert list((tmp / "files" / "generated").glob("*.zip")), "04 should save the generated images and a zip"
         assert any("image/gif" in o.get("data", {}).get("text/html", "") for o in outputs)
     if path.name.startswith("05"):
         text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")

@@ -261,3 +261,45 @@ def test_training_progress_cuts_the_sample_grids_back_into_images(tmp_path):
     assert (run / "progress.png").is_file() and (tmp_path / "p.gif").is_file()
     with pytest.raises(SystemExit, match="holds no step_"):
         viz.main([str(tmp_path)])
+
+
+def test_generate_panel_driven_through_its_widgets_saves_grid_images_and_zip(tmp_path):
+    import zipfile
+
+    class Cfg:
+        class model:
+            num_classes = 102
+
+        class diffusion:
+            prediction_type = "v_prediction"
+            schedule = "offset_cosine"
+
+    calls = []
+
+    def generate(model, schedule, config, *, n, method, steps, seed, progress, class_label=None,
+                 guidance_scale=1.0, callback=None):
+        calls.append({"n": n, "method": method, "steps": steps, "seed": seed, "class_label": class_label,
+                      "guidance_scale": guidance_scale})
+        for i in range(steps):
+            callback(i, None, None, None)
+        return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    panel = viz.GeneratePanel({"flowers": tmp_path / "m.pt"}, load=lambda p: ("m", make_schedule("linear", 50), Cfg),
+                              generate=generate, save_dir=tmp_path / "out")
+    c = panel.widget.controls
+    assert c["method"].value == "dpmpp_2m_sde" and c["save"].disabled  # the model's own sampler; nothing to save
+    assert c["label"].options[0] == ("0: pink primrose", 0)  # a class picker by flower name
+    c["n"].value, c["steps"].value, c["seed"].value, c["label"].value, c["guidance"].value = 5, 7, 3, 2, 2.5
+    c["button"].click()
+    assert calls == [{"n": 5, "method": "dpmpp_2m_sde", "steps": 7, "seed": 3, "class_label": 2,
+                      "guidance_scale": 2.5}]
+    assert c["bar"].value == 7 and not c["save"].disabled
+    c["save"].click()
+    folder = tmp_path / "out" / "flowers_dpmpp_2m_sde_7steps_seed3_n5_class2_guidance2.5"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["000.png", "001.png", "002.png", "003.png", "004.png", "grid.png"]
+    assert Image.open(folder / "000.png").size == (8, 8)
+    with zipfile.ZipFile(f"{folder}.zip") as z:
+        assert sorted(z.namelist()) == names
+    with pytest.raises(RuntimeError, match="nothing generated"):
+        viz.GeneratePanel({"a": 1}, load=None, generate=None).save()

@@ -28,7 +28,10 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/python -m ddpm.demo
 
+# Lint and format checks first (seconds), then the whole suite.
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 bench: venv

@@ -34,14 +34,14 @@ import argparse
 import json
 import time
 
+import common  # noqa: F401  (importing it puts the repo on sys.path)
 import torch
 import torch.nn.functional as F
 from torch import nn
+from train_throughput import conv_gflop, time_it
 
-import common  # noqa: F401  (importing it puts the repo on sys.path)
 from ddpm.device import get_device, keep_freed_memory, saved_tensor_bytes
 from ddpm.ops import GroupNormActConv, gn_backward, gn_forward, group_norm_act
-from train_throughput import conv_gflop, time_it
 
 COMPARISONS = ("weight_grad", "skip_linear", "norm_affine", "norm_chunks", "compiled_norm", "save_silu")
 DTYPE = torch.bfloat16
@@ -61,8 +61,9 @@ def rel_error(out, ref) -> float:
     return max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(outs, refs, strict=True))
 
 
-def compare(comparison: str, shape: tuple, variants: dict, device: torch.device, timing: dict, *,
-            gflop: float | None = None) -> list[dict]:
+def compare(
+    comparison: str, shape: tuple, variants: dict, device: torch.device, timing: dict, *, gflop: float | None = None
+) -> list[dict]:
     """Time each variant (name -> fn returning its result); the first is the model's way. Every other one must
     compute the same (within bf16 rounding), or the timing compares different work: it raises if not.
     The variants take turns, one call each per round, and each keeps its fastest call: a slow spell of the
@@ -76,8 +77,9 @@ def compare(comparison: str, shape: tuple, variants: dict, device: torch.device,
             continue
         errors[name] = rel_error(out, ref)
         if errors[name] > TOLERANCE:
-            raise AssertionError(f"{comparison}: {name!r} differs from the model's result by {errors[name]:.3g} "
-                                 "(relative)")
+            raise AssertionError(
+                f"{comparison}: {name!r} differs from the model's result by {errors[name]:.3g} (relative)"
+            )
     for _ in range(timing["warmup"]):
         for fn in variants.values():
             fn()
@@ -88,10 +90,18 @@ def compare(comparison: str, shape: tuple, variants: dict, device: torch.device,
     rows = []
     for name, fn in variants.items():
         seconds, err = min(times[name]), errors[name]
-        rows.append({"comparison": comparison, "variant": name + (MODEL if err is None else ""), "shape": list(shape),
-                     "ms": seconds * 1e3, "gflops": gflop / seconds if gflop else None,
-                     "speed_vs_model": None if err is None else rows[0]["ms"] / (seconds * 1e3), "rel_error": err,
-                     **getattr(fn, "extra", {})})  # what else a variant reports: compile time, memory
+        rows.append(
+            {
+                "comparison": comparison,
+                "variant": name + (MODEL if err is None else ""),
+                "shape": list(shape),
+                "ms": seconds * 1e3,
+                "gflops": gflop / seconds if gflop else None,
+                "speed_vs_model": None if err is None else rows[0]["ms"] / (seconds * 1e3),
+                "rel_error": err,
+                **getattr(fn, "extra", {}),
+            }
+        )  # what else a variant reports: compile time, memory
     return rows
 
 
@@ -110,16 +120,17 @@ def weight_grad(device, b, c, s, timing) -> list[dict]:
 
     def nine_matmuls():
         """dW[:, :, i, j] = gy^T x_shift(i, j) over all B*H*W positions: nine (c x n) @ (n x c) matmuls."""
-        xp = F.pad(x_ref, (1, 1, 1, 1)).permute(0, 2, 3, 1)   # (B, S+2, S+2, C) view of channels_last
-        gy = gy_ref.permute(0, 2, 3, 1).reshape(-1, c)       # (B*H*W, C_out), channels_last's own layout
+        xp = F.pad(x_ref, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (B, S+2, S+2, C) view of channels_last
+        gy = gy_ref.permute(0, 2, 3, 1).reshape(-1, c)  # (B*H*W, C_out), channels_last's own layout
         gw = torch.empty(c, c, 3, 3, device=device, dtype=DTYPE)
 
         def call():
             for i in range(3):
                 for j in range(3):
-                    gw[:, :, i, j] = gy.t() @ xp[:, i:i + s, j:j + s].reshape(-1, c)
+                    gw[:, :, i, j] = gy.t() @ xp[:, i : i + s, j : j + s].reshape(-1, c)
             gy.sum(0)  # the bias gradient, as the kernel computes it
             return gw
+
         return call
 
     def one_thread(fn):
@@ -130,16 +141,21 @@ def weight_grad(device, b, c, s, timing) -> list[dict]:
                 return fn()
             finally:
                 torch.set_num_threads(threads)
+
         return call
 
     weight = (torch.randn(c, c, 3, 3, device=device) / (9 * c) ** 0.5).to(DTYPE)
     x_ref, gy_ref = bf16_cl(b, c, s, s, device=device), bf16_cl(b, c, s, s, device=device)
     with torch.no_grad():
         model = pass_of(True)
-        variants = {"channels_last": model, "NCHW": pass_of(False), "nine shifted matmuls": nine_matmuls(),
-                    "no bias gradient": pass_of(True, bias=False), "one thread": one_thread(model)}
-        return compare("weight_grad", shape, variants, device, timing,
-                       gflop=conv_gflop(shape, c, 3, 1))
+        variants = {
+            "channels_last": model,
+            "NCHW": pass_of(False),
+            "nine shifted matmuls": nine_matmuls(),
+            "no bias gradient": pass_of(True, bias=False),
+            "one thread": one_thread(model),
+        }
+        return compare("weight_grad", shape, variants, device, timing, gflop=conv_gflop(shape, c, 3, 1))
 
 
 def skip_linear(device, b, c, s, timing) -> list[dict]:
@@ -158,8 +174,14 @@ def skip_linear(device, b, c, s, timing) -> list[dict]:
             y = F.linear(x.permute(0, 2, 3, 1), w.view(c, cin), bias).permute(0, 3, 1, 2) + h
             return torch.autograd.grad(y, (x, w, bias, h), g)
 
-        rows += compare("skip_linear", (b, cin, s, s), {f"{cin}->{c} conv 1x1": conv, f"{cin}->{c} F.linear": linear},
-                        device, timing, gflop=3 * conv_gflop((b, cin, s, s), c, 1, 1))
+        rows += compare(
+            "skip_linear",
+            (b, cin, s, s),
+            {f"{cin}->{c} conv 1x1": conv, f"{cin}->{c} F.linear": linear},
+            device,
+            timing,
+            gflop=3 * conv_gflop((b, cin, s, s), c, 1, 1),
+        )
     return rows
 
 
@@ -167,10 +189,13 @@ def norm_affine(device, b, c, s, timing) -> list[dict]:
     """y = xhat * w' + b' with w', b' of shape (B, C, 1, 1): one pass over the activation, or two."""
     xhat = bf16_cl(b, c, s, s, device=device)
     w4, b4 = (torch.randn(b, c, 1, 1, device=device, dtype=DTYPE) for _ in range(2))
-    variants = {"torch.addcmul(b', xhat, w')": lambda: torch.addcmul(b4, xhat, w4),
-                "torch.addcmul(..., out=torch.empty_like(xhat))":
-                    lambda: torch.addcmul(b4, xhat, w4, out=torch.empty_like(xhat)),
-                "xhat * w' + b'": lambda: xhat * w4 + b4}
+    variants = {
+        "torch.addcmul(b', xhat, w')": lambda: torch.addcmul(b4, xhat, w4),
+        "torch.addcmul(..., out=torch.empty_like(xhat))": lambda: torch.addcmul(
+            b4, xhat, w4, out=torch.empty_like(xhat)
+        ),
+        "xhat * w' + b'": lambda: xhat * w4 + b4,
+    }
     with torch.no_grad():
         return compare("norm_affine", xhat.shape, variants, device, timing)
 
@@ -209,9 +234,10 @@ def compiled_norm(device, b, c, s, timing) -> list[dict]:
             t0 = time.perf_counter()
             fused()  # the first call compiles
             fused.extra = {"compile_s": time.perf_counter() - t0}
-            variants = {f"{channels} ch eager node":
-                            lambda: group_norm_act(x, norm, scale=scale, shift=shift, act=True),
-                        f"{channels} ch torch.compile": fused}
+            variants = {
+                f"{channels} ch eager node": lambda: group_norm_act(x, norm, scale=scale, shift=shift, act=True),
+                f"{channels} ch torch.compile": fused,
+            }
             rows += compare("compiled_norm", x.shape, variants, device, timing)
     return rows
 
@@ -230,14 +256,25 @@ def norm_chunks(device, b, c, s, timing) -> list[dict]:
             def call():
                 out = torch.empty_like(x)
                 for i in range(0, b, n):
-                    xhat, _, w4, b4 = gn_forward(x[i:i + n], norm.weight, norm.bias, scale[i:i + n],
-                                                 shift[i:i + n], norm.num_groups, norm.eps)
-                    F.silu(torch.addcmul(b4, xhat, w4, out=out[i:i + n]), inplace=True)
+                    xhat, _, w4, b4 = gn_forward(
+                        x[i : i + n],
+                        norm.weight,
+                        norm.bias,
+                        scale[i : i + n],
+                        shift[i : i + n],
+                        norm.num_groups,
+                        norm.eps,
+                    )
+                    F.silu(torch.addcmul(b4, xhat, w4, out=out[i : i + n]), inplace=True)
                 return out
+
             return call
 
-        variants = {f"{channels} ch whole batch ({b * per_sample / 2**20:.1f} MiB)":
-                        lambda: group_norm_act(x, norm, scale=scale, shift=shift, act=True)}
+        variants = {
+            f"{channels} ch whole batch ({b * per_sample / 2**20:.1f} MiB)": lambda: group_norm_act(
+                x, norm, scale=scale, shift=shift, act=True
+            )
+        }
         for mb in (2, 4, 8):
             n = max(1, min(b, mb * 2**20 // per_sample))
             variants[f"{channels} ch chunks of {n} ({n * per_sample / 2**20:.1f} MiB)"] = chunked(n)
@@ -251,8 +288,9 @@ class _SavesConvInput(GroupNormActConv):
     instead of recomputing it: one SiLU less per backward, one more activation kept until then."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, conv_weight, conv_bias, stride, padding,
-                dilation, conv_groups):
+    def forward(
+        ctx, x, weight, bias, scale, shift, groups, eps, conv_weight, conv_bias, stride, padding, dilation, conv_groups
+    ):
         xhat, rstd, w4, b4 = gn_forward(x, weight, bias, scale, shift, groups, eps)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cw, cb = conv_weight.to(dtype), conv_bias.to(dtype)
@@ -260,8 +298,11 @@ class _SavesConvInput(GroupNormActConv):
             h = F.silu(torch.addcmul(b4, xhat, w4)).to(dtype)
             out = F.conv2d(h, cw, cb, stride, padding, dilation, conv_groups)
         ctx.save_for_backward(xhat, rstd, w4, b4, weight, bias, scale, cw, h)
-        ctx.groups, ctx.conv_args, ctx.dtypes = groups, (stride, padding, dilation, conv_groups), (conv_weight.dtype,
-                                                                                                    conv_bias.dtype)
+        ctx.groups, ctx.conv_args, ctx.dtypes = (
+            groups,
+            (stride, padding, dilation, conv_groups),
+            (conv_weight.dtype, conv_bias.dtype),
+        )
         return out
 
     @staticmethod
@@ -269,8 +310,18 @@ class _SavesConvInput(GroupNormActConv):
         xhat, rstd, w4, b4, weight, bias, scale, cw, h = ctx.saved_tensors
         stride, padding, dilation, conv_groups = ctx.conv_args
         grad_h, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-            grad_out.to(cw.dtype), h, cw, [cw.shape[0]], stride, padding, dilation, False, [0, 0], conv_groups,
-            [True, True, True])
+            grad_out.to(cw.dtype),
+            h,
+            cw,
+            [cw.shape[0]],
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            conv_groups,
+            [True, True, True],
+        )
         y = torch.addcmul(b4, xhat, w4)
         gy = torch.ops.aten.silu_backward.grad_input(grad_h.to(xhat.dtype), y, grad_input=y)
         grads = gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups)
@@ -289,12 +340,25 @@ def save_silu(device, b, c, s, timing) -> list[dict]:
         with torch.autocast(device.type, dtype=DTYPE):
             if not saves_input:
                 return group_norm_act(x, norm, scale=scale, shift=shift, act=True, conv=conv)
-            return _SavesConvInput.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps,
-                                         conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return _SavesConvInput.apply(
+                x,
+                norm.weight,
+                norm.bias,
+                scale,
+                shift,
+                norm.num_groups,
+                norm.eps,
+                conv.weight,
+                conv.bias,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+            )
 
     variants = {}
     for name, saves in (("recomputes silu(y)", False), ("saves silu(y)", True)):
-        variants[name] = (lambda saves=saves: torch.autograd.grad(forward(saves), params, g))
+        variants[name] = lambda saves=saves: torch.autograd.grad(forward(saves), params, g)
         variants[name].extra = {"saved_mb": saved_tensor_bytes(lambda saves=saves: forward(saves)) / 2**20}
     return compare("save_silu", x.shape, variants, device, timing)
 
@@ -304,8 +368,9 @@ def save_silu(device, b, c, s, timing) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     """One line per variant; "vs model" > 1 is faster than the model's way, "rel. error" its distance from it."""
-    print(f"{'comparison':<14} {'variant':<48} {'shape':<16} {'ms':>8} {'GFLOP/s':>8} {'vs model':>9} "
-          f"{'rel. error':>10}")
+    print(
+        f"{'comparison':<14} {'variant':<48} {'shape':<16} {'ms':>8} {'GFLOP/s':>8} {'vs model':>9} {'rel. error':>10}"
+    )
     for r in rows:
         gf = f"{r['gflops']:.0f}" if r["gflops"] else ""
         vs = f"{r['speed_vs_model']:.2f}x" if r["speed_vs_model"] else ""
@@ -325,8 +390,12 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=64, help="the level's channels (the 64 px preset's: 64)")
     p.add_argument("--steps", type=int, default=10, help="timed calls per variant (the fastest counts)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--malloc", default="keep", choices=("system", "keep"),
-                   help="keep (as training does): glibc keeps freed memory; see ddpm.device.keep_freed_memory")
+    p.add_argument(
+        "--malloc",
+        default="keep",
+        choices=("system", "keep"),
+        help="keep (as training does): glibc keeps freed memory; see ddpm.device.keep_freed_memory",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 calls each: a smoke test")
     args = p.parse_args()
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -344,12 +413,26 @@ def main() -> None:
     rows = []
     for name in only:
         rows += globals()[name](device, b, c, s, timing)
-    print(f"device {device}, {torch.get_num_threads()} threads, bf16 channels_last, batch {b}, {c} channels, {s} px, "
-          f"malloc={args.malloc}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, bf16 channels_last, batch {b}, {c} channels, {s} px, "
+        f"malloc={args.malloc}"
+    )
     print_table(rows)
-    print(json.dumps({"benchmark": "alternatives", "device": str(device), "quick": args.quick,
-                      "threads": torch.get_num_threads(), "malloc_keep": malloc_kept, "batch_size": b, "channels": c, "image_size": s,
-                      "results": rows}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "alternatives",
+                "device": str(device),
+                "quick": args.quick,
+                "threads": torch.get_num_threads(),
+                "malloc_keep": malloc_kept,
+                "batch_size": b,
+                "channels": c,
+                "image_size": s,
+                "results": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

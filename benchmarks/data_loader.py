@@ -22,13 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import default_data_root  # noqa: E402  (importing common puts the repo on sys.path)
 
 from ddpm.data import BatchStream, load_dataset  # noqa: E402
 from ddpm.device import get_device, keep_freed_memory, synchronize  # noqa: E402
-
-
 
 
 def time_stream(stream: BatchStream, n: int) -> float:
@@ -68,7 +65,8 @@ def time_train_step(image_size: int, stream: BatchStream, n: int, device: torch.
         loss.backward()
         opt.step()
 
-    step()  # warm-up, not timed: cuDNN autotuning, allocator, optimizer state (a slow first step would flatter the loader)
+    # warm-up, not timed: cuDNN autotuning, allocator, optimizer state (a slow first step would flatter the loader)
+    step()
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(n):
@@ -80,13 +78,19 @@ def time_train_step(image_size: int, stream: BatchStream, n: int, device: torch.
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=default_data_root(), help="Flowers102 root (holds flowers-102/) or an image folder")
+    p.add_argument(
+        "--data-root", default=default_data_root(), help="Flowers102 root (holds flowers-102/) or an image folder"
+    )
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
     p.add_argument("--quick", action="store_true", help="fewer timed batches and steps (for CI)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 avoids oversubscription on a busy CPU")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 avoids oversubscription on a busy CPU",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,27 +116,47 @@ def main() -> None:
 
     n, b = len(ds), args.batch_size
     rows = [
-        ("decode (build cache)", f"{n / decode_s:,.0f} images/s", f"{n:,} images in {decode_s:.2f} s, {os.cpu_count()} cores"),
+        (
+            "decode (build cache)",
+            f"{n / decode_s:,.0f} images/s",
+            f"{n:,} images in {decode_s:.2f} s, {os.cpu_count()} cores",
+        ),
         ("cache load", f"{n / cache_s:,.0f} images/s", f"{cache_s * 1e3:.0f} ms"),
         ("BatchStream", f"{b / batch_s:,.0f} images/s", f"{batch_s * 1e3:.2f} ms per batch of {b}"),
-        ("train step", f"{b / step_s:,.0f} images/s" if step_s else "-",
-         (f"{step_s * 1e3:.1f} ms per step; " if step_s else "") + step_note),
+        (
+            "train step",
+            f"{b / step_s:,.0f} images/s" if step_s else "-",
+            (f"{step_s * 1e3:.1f} ms per step; " if step_s else "") + step_note,
+        ),
     ]
     share = batch_s / (batch_s + step_s) if step_s else None
-    print(f"\ndata loader on {device} ({torch.get_num_threads()} torch threads): {source} at {root}, "
-          f"image_size={args.image_size}, batch_size={b} (timings are provisional when other jobs share the CPU)")
+    print(
+        f"\ndata loader on {device} ({torch.get_num_threads()} torch threads): {source} at {root}, "
+        f"image_size={args.image_size}, batch_size={b} (timings are provisional when other jobs share the CPU)"
+    )
     for name, rate, note in rows:
         print(f"  {name:<22} {rate:>18}   {note}")
     print(f"  {'loader share of step':<22} {f'{share:.2%}' if share is not None else '-':>18}")
-    print(json.dumps({
-        "benchmark": "data_loader", "device": str(device), "source": source, "n_images": n,
-        "image_size": args.image_size, "batch_size": b, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "decode_images_per_s": round(n / decode_s, 1), "cache_load_s": round(cache_s, 4),
-        "stream_images_per_s": round(b / batch_s, 1), "stream_ms_per_batch": round(batch_s * 1e3, 3),
-        "train_step_ms": round(step_s * 1e3, 2) if step_s else None,
-        "loader_share": round(share, 5) if share is not None else None,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "data_loader",
+                "device": str(device),
+                "source": source,
+                "n_images": n,
+                "image_size": args.image_size,
+                "batch_size": b,
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "decode_images_per_s": round(n / decode_s, 1),
+                "cache_load_s": round(cache_s, 4),
+                "stream_images_per_s": round(b / batch_s, 1),
+                "stream_ms_per_batch": round(batch_s * 1e3, 3),
+                "train_step_ms": round(step_s * 1e3, 2) if step_s else None,
+                "loader_share": round(share, 5) if share is not None else None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

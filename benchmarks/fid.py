@@ -22,7 +22,6 @@ import tempfile
 import time
 
 import torch
-
 from common import default_data_root  # noqa: E402  (importing common puts the repo on sys.path)
 
 from ddpm.data import load_dataset  # noqa: E402
@@ -30,14 +29,14 @@ from ddpm.device import get_device, synchronize  # noqa: E402
 from ddpm.metrics import FIDEvaluator, extract_features, fid_kid_from_features, format_protocol, load_inception  # noqa: E402,E501
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=default_data_root(),
-                        help="Flowers102 root (default: $DATA_ROOT or the shared copy)")
-    parser.add_argument("--num-images", type=int, default=None,
-                        help="real and generated images each (default 100, --quick 25)")
+    parser.add_argument(
+        "--data-root", default=default_data_root(), help="Flowers102 root (default: $DATA_ROOT or the shared copy)"
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=None, help="real and generated images each (default 100, --quick 25)"
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument("--batch-size", type=int, default=50)
@@ -51,7 +50,7 @@ def main() -> None:
     if len(data) < 2 * n:
         sys.exit(f"--num-images {n} needs {2 * n} images (real + generated), the dataset has {len(data)}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
-    real, generated = data.images[order[:n]], data.images[order[n:2 * n]]
+    real, generated = data.images[order[:n]], data.images[order[n : 2 * n]]
 
     extractor = load_inception(args.weights, device=device)
     for _ in range(2):  # warm-up: TorchScript profiles its first call and optimises on the second
@@ -64,13 +63,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache_dir:
         t0 = time.perf_counter()
-        cold = FIDEvaluator(real, extractor=extractor, cache_dir=cache_dir, batch_size=args.batch_size,
-                            name="flowers102", split="all")
+        cold = FIDEvaluator(
+            real, extractor=extractor, cache_dir=cache_dir, batch_size=args.batch_size, name="flowers102", split="all"
+        )
         result = cold.score(generated)
         uncached_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        warm = FIDEvaluator(real, extractor=extractor, cache_dir=cache_dir, batch_size=args.batch_size,
-                            name="flowers102", split="all")
+        warm = FIDEvaluator(
+            real, extractor=extractor, cache_dir=cache_dir, batch_size=args.batch_size, name="flowers102", split="all"
+        )
         assert warm.real_from_cache, "the second evaluator should have found the cached real features"
         warm.score(generated)
         cached_s = time.perf_counter() - t0
@@ -81,22 +82,36 @@ def main() -> None:
 
     print(format_protocol(result))
     print()
-    rows = [("inception features (batch %d)" % args.batch_size, f"{images_per_s:.1f} images/s"),
-            (f"FID eval, real stats not cached ({n} real + {n} gen)", f"{uncached_s:.1f} s"),
-            (f"FID eval, real stats cached ({n} gen)", f"{cached_s:.1f} s"),
-            ("FID + KID maths from features", f"{maths_s:.2f} s"),
-            (f"FID real vs real at N={n} (the floor)", f"{result['fid']:.1f}")]
+    rows = [
+        (f"inception features (batch {args.batch_size})", f"{images_per_s:.1f} images/s"),
+        (f"FID eval, real stats not cached ({n} real + {n} gen)", f"{uncached_s:.1f} s"),
+        (f"FID eval, real stats cached ({n} gen)", f"{cached_s:.1f} s"),
+        ("FID + KID maths from features", f"{maths_s:.2f} s"),
+        (f"FID real vs real at N={n} (the floor)", f"{result['fid']:.1f}"),
+    ]
     width = max(len(r[0]) for r in rows)
     print(f"device {device} ({torch.get_num_threads()} CPU threads), weights {extractor.info['weights']}")
     for name, value in rows:
         print(f"  {name.ljust(width)}  {value:>16}")
-    print(json.dumps({"benchmark": "fid", "device": str(device), "threads": torch.get_num_threads(),
-                      "num_images": n, "image_size": args.image_size, "batch_size": args.batch_size,
-                      "weights_format": extractor.weights_format,
-                      "inception_images_per_s": round(images_per_s, 2),
-                      "eval_uncached_s": round(uncached_s, 2), "eval_cached_s": round(cached_s, 2),
-                      "fid_kid_maths_s": round(maths_s, 3),
-                      "fid_real_vs_real": round(result["fid"], 2), "kid_mean": round(result["kid_mean"], 5)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "fid",
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "num_images": n,
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                "weights_format": extractor.weights_format,
+                "inception_images_per_s": round(images_per_s, 2),
+                "eval_uncached_s": round(uncached_s, 2),
+                "eval_cached_s": round(cached_s, 2),
+                "fid_kid_maths_s": round(maths_s, 3),
+                "fid_real_vs_real": round(result["fid"], 2),
+                "kid_mean": round(result["kid_mean"], 5),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

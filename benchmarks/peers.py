@@ -32,12 +32,12 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import common  # noqa: F401  (importing it puts the repo on sys.path)
 import torch
 from torch import nn
-
-import common  # noqa: F401  (importing it puts the repo on sys.path)
-from ddpm.device import get_device, keep_freed_memory
 from train_throughput import forward_flops, peak_rss_mb, peak_shape, time_training, training_step
+
+from ddpm.device import get_device, keep_freed_memory
 
 PEERS = {"lucidrains": "denoising-diffusion-pytorch", "diffusers": "diffusers"}  # name -> pip package
 
@@ -57,12 +57,17 @@ def build(peer: str, size: int) -> nn.Module:
     """The peer's network as model(x, t) -> eps; ImportError if the peer (or what it imports) is missing."""
     if peer == "lucidrains":
         from denoising_diffusion_pytorch import Unet
+
         return Unet(dim=64, dim_mults=(1, 2, 4, 8))  # the README's model, every other argument at its default
     import diffusers
+
     # as in huggingface/diffusers examples/unconditional_image_generation/train_unconditional.py, read at
     # commits c2076599 and 00769f61 (identical there); the example trains at --resolution 64, batch 16
     net = diffusers.UNet2DModel(
-        sample_size=size, in_channels=3, out_channels=3, layers_per_block=2,
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
         block_out_channels=(128, 128, 256, 256, 512, 512),
         down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -87,16 +92,28 @@ def run_config(args) -> dict:
     # our step around their network, with our EMA: both peers' own trainers keep an EMA too
     step = training_step(model, x0, device, args.precision)
     channels_last = args.channels_last == "on"
-    timed = time_training(step, device, args.precision, channels_last=channels_last, quick=False, steps=args.steps,
-                          warmup=args.warmup)
+    timed = time_training(
+        step, device, args.precision, channels_last=channels_last, quick=False, steps=args.steps, warmup=args.warmup
+    )
     sec, peak, first_step_s = timed["step_s"], timed["conv_peak_gflops"], timed["first_step_s"]
     achieved = 3 * flops * args.batch_size / sec / 1e9
     return {
-        "peer": args.peer, "package": PEERS[args.peer], "version": version(PEERS[args.peer]),
-        "image_size": args.size, "precision": args.precision, "channels_last": channels_last,
-        "batch_size": args.batch_size, "params": n_params, "fwd_gflops_per_image": flops / 1e9, "step_ms": sec * 1e3,
-        "images_per_s": args.batch_size / sec, "achieved_gflops": achieved, "conv_peak_gflops": peak,
-        "utilisation": achieved / peak, "peak_rss_mb": peak_rss_mb(), "malloc_keep": malloc_kept,
+        "peer": args.peer,
+        "package": PEERS[args.peer],
+        "version": version(PEERS[args.peer]),
+        "image_size": args.size,
+        "precision": args.precision,
+        "channels_last": channels_last,
+        "batch_size": args.batch_size,
+        "params": n_params,
+        "fwd_gflops_per_image": flops / 1e9,
+        "step_ms": sec * 1e3,
+        "images_per_s": args.batch_size / sec,
+        "achieved_gflops": achieved,
+        "conv_peak_gflops": peak,
+        "utilisation": achieved / peak,
+        "peak_rss_mb": peak_rss_mb(),
+        "malloc_keep": malloc_kept,
         "first_step_s": first_step_s,
     }
 
@@ -138,9 +155,26 @@ def main() -> None:
                 for layout in layouts:
                     if peer in skipped:  # one failed import says it all
                         continue
-                    cmd = [sys.executable, __file__, "--_one", f"{peer},{size}", "--device", str(device),
-                           "--precision", precision, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                           "--warmup", str(args.warmup), "--channels-last", layout, "--malloc", args.malloc]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--_one",
+                        f"{peer},{size}",
+                        "--device",
+                        str(device),
+                        "--precision",
+                        precision,
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--channels-last",
+                        layout,
+                        "--malloc",
+                        args.malloc,
+                    ]
                     cmd += ["--threads", str(args.threads)] if args.threads else []
                     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
                     if proc.returncode:
@@ -148,32 +182,54 @@ def main() -> None:
                     r = json.loads(proc.stdout.strip().splitlines()[-1])
                     if "missing" in r:
                         skipped[peer] = r["missing"]
-                        print(f"skipping {peer}: {r['missing']}. To include it: pip install {PEERS[peer]} "
-                              f"(or --target DIR --no-deps plus its imports, then PYTHONPATH=DIR; see the docstring)")
+                        print(
+                            f"skipping {peer}: {r['missing']}. To include it: pip install {PEERS[peer]} "
+                            f"(or --target DIR --no-deps plus its imports, then PYTHONPATH=DIR; see the docstring)"
+                        )
                     else:
                         results.append(r)
 
     tried = ", ".join("channels_last" if x == "on" else "contiguous (nchw)" for x in layouts)
     pb, pc, ps = peak_shape(quick=False)
-    print(f"\nPeer UNet training throughput on {device} ({torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}), malloc={args.malloc}, layouts tried: {tried}")
-    print(f"peak: 3x3 conv {pc}->{pc} ch, {ps}x{ps}, batch {pb}, fwd+bwd, in the row's precision and layout, "
-          "measured around its steps")
-    header = f"{'peer':>10} {'size':>5} {'batch':>5} {'params':>8} {'GFLOP/img':>9} {'prec':>5} {'layout':>6} " \
-             f"{'img/s':>8} {'ms/step':>8} {'GFLOP/s':>8} {'peak':>6} {'util':>6} {'peak MB':>8} {'1st step s':>10}"
+    print(
+        f"\nPeer UNet training throughput on {device} ({torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}), malloc={args.malloc}, layouts tried: {tried}"
+    )
+    print(
+        f"peak: 3x3 conv {pc}->{pc} ch, {ps}x{ps}, batch {pb}, fwd+bwd, in the row's precision and layout, "
+        "measured around its steps"
+    )
+    header = (
+        f"{'peer':>10} {'size':>5} {'batch':>5} {'params':>8} {'GFLOP/img':>9} {'prec':>5} {'layout':>6} "
+        f"{'img/s':>8} {'ms/step':>8} {'GFLOP/s':>8} {'peak':>6} {'util':>6} {'peak MB':>8} {'1st step s':>10}"
+    )
     print(header)
     print("-" * len(header))
     if not results:
         print("nothing measured: no peer could be imported (see above)")
     for r in results:
-        print(f"{r['peer']:>10} {r['image_size']:>5} {r['batch_size']:>5} {r['params'] / 1e6:>7.2f}M "
-              f"{r['fwd_gflops_per_image']:>9.2f} {r['precision']:>5} {'cl' if r['channels_last'] else 'nchw':>6} "
-              f"{r['images_per_s']:>8.2f} {r['step_ms']:>8.0f} {r['achieved_gflops']:>8.0f} "
-              f"{r['conv_peak_gflops']:>6.0f} {r['utilisation']:>6.1%} {r['peak_rss_mb']:>8.0f} "
-              f"{r['first_step_s']:>10.1f}")
-    print(json.dumps({"benchmark": "peers", "device": str(device), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "malloc": args.malloc, "steps": args.steps, "warmup": args.warmup,
-                      "skipped": skipped, "results": results}))
+        print(
+            f"{r['peer']:>10} {r['image_size']:>5} {r['batch_size']:>5} {r['params'] / 1e6:>7.2f}M "
+            f"{r['fwd_gflops_per_image']:>9.2f} {r['precision']:>5} {'cl' if r['channels_last'] else 'nchw':>6} "
+            f"{r['images_per_s']:>8.2f} {r['step_ms']:>8.0f} {r['achieved_gflops']:>8.0f} "
+            f"{r['conv_peak_gflops']:>6.0f} {r['utilisation']:>6.1%} {r['peak_rss_mb']:>8.0f} "
+            f"{r['first_step_s']:>10.1f}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "peers",
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "malloc": args.malloc,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "skipped": skipped,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ import argparse
 import json
 import time
 
+import common  # noqa: F401  (importing it puts the repo on sys.path)
 import torch
 
-import common  # noqa: F401  (importing it puts the repo on sys.path)
 from ddpm import DEFAULT_STEPS, GaussianDenoiser, gaussian_errors, get_device, make_schedule
-from ddpm.samplers import METHODS, sample
 from ddpm.device import autocast
+from ddpm.samplers import METHODS, sample
 
 
 def oracle_errors(schedule_name: str, n: int, nfes: list[int]) -> list[dict]:
@@ -35,11 +35,25 @@ def oracle_errors(schedule_name: str, n: int, nfes: list[int]) -> list[dict]:
             oracle = GaussianDenoiser(schedule, mean, std)
             g = torch.Generator().manual_seed(0)
             t0 = time.perf_counter()
-            x = sample(oracle, schedule, (n, *shape), method=method, steps=nfe, generator=g,
-                       clip_denoised=False, progress=False)
+            x = sample(
+                oracle,
+                schedule,
+                (n, *shape),
+                method=method,
+                steps=nfe,
+                generator=g,
+                clip_denoised=False,
+                progress=False,
+            )
             err = gaussian_errors(x, mean, std)
-            rows.append({"method": method, "nfe": oracle.calls, **{k: round(v, 5) for k, v in err.items()},
-                         "seconds": round(time.perf_counter() - t0, 2)})
+            rows.append(
+                {
+                    "method": method,
+                    "nfe": oracle.calls,
+                    **{k: round(v, 5) for k, v in err.items()},
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+            )
     return rows
 
 
@@ -60,14 +74,28 @@ def latency(size: int, device: torch.device, batch: int, repeats: int) -> list[d
             g = torch.Generator().manual_seed(0)
             with autocast(device):
                 t0 = time.perf_counter()
-                sample(model, schedule, (batch, 3, size, size), method="ddim" if method == "ddpm" else method,
-                       steps=timed_steps, generator=g, progress=False)
+                sample(
+                    model,
+                    schedule,
+                    (batch, 3, size, size),
+                    method="ddim" if method == "ddpm" else method,
+                    steps=timed_steps,
+                    generator=g,
+                    progress=False,
+                )
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         per_image = min(times) / batch * steps / timed_steps
-        rows.append({"method": method, "steps": steps, "timed_steps": timed_steps, "batch": batch,
-                     "seconds_per_image": round(per_image, 4)})
+        rows.append(
+            {
+                "method": method,
+                "steps": steps,
+                "timed_steps": timed_steps,
+                "batch": batch,
+                "seconds_per_image": round(per_image, 4),
+            }
+        )
     return rows
 
 
@@ -88,20 +116,33 @@ def main() -> None:
     nfes = [int(v) for v in args.nfe.split(",")]
 
     errors = oracle_errors(args.schedule, args.n, nfes)
-    print(f"Sampling error on the exact Gaussian denoiser ({args.schedule} schedule, {args.n} samples, 48 dims;"
-          f" Monte Carlo floor of w2 ~ {0.35 / args.n ** 0.5:.4f})")
+    print(
+        f"Sampling error on the exact Gaussian denoiser ({args.schedule} schedule, {args.n} samples, 48 dims;"
+        f" Monte Carlo floor of w2 ~ {0.35 / args.n**0.5:.4f})"
+    )
     print(f"{'method':<14}{'NFE':>6}{'w2':>10}{'mean_err':>10}{'std_err':>10}")
     for r in errors:
         print(f"{r['method']:<14}{r['nfe']:>6}{r['w2']:>10.4f}{r['mean_err']:>10.4f}{r['std_err']:>10.4f}")
 
     lat = latency(args.size, device, args.batch, args.repeats)
-    print(f"\nLatency at default steps, {args.size} px attention UNet, batch {args.batch}, {device} "
-          f"(DDPM timed over {lat[0]['timed_steps']} steps and scaled to {lat[0]['steps']})")
+    print(
+        f"\nLatency at default steps, {args.size} px attention UNet, batch {args.batch}, {device} "
+        f"(DDPM timed over {lat[0]['timed_steps']} steps and scaled to {lat[0]['steps']})"
+    )
     print(f"{'method':<14}{'steps':>6}{'s/image':>10}")
     for r in lat:
         print(f"{r['method']:<14}{r['steps']:>6}{r['seconds_per_image']:>10.4f}")
-    print(json.dumps({"benchmark": "samplers", "device": str(device), "schedule": args.schedule,
-                      "oracle": errors, "latency": lat}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "samplers",
+                "device": str(device),
+                "schedule": args.schedule,
+                "oracle": errors,
+                "latency": lat,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -108,8 +108,10 @@ def _check_loadable(obj, where: str = "state") -> None:
         for i, value in enumerate(obj):
             _check_loadable(value, f"{where}[{i}]")
         return
-    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which torch.load(weights_only=True) "
-                    "cannot read back; store tensors, dicts, lists, str, int, float, bool or None")
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which torch.load(weights_only=True) "
+        "cannot read back; store tensors, dicts, lists, str, int, float, bool or None"
+    )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -198,8 +200,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", mmap: bool =
     if path.is_dir():
         latest = find_latest(path)
         if latest is None:
-            raise CheckpointNotFoundError(f"no checkpoint found in the folder {path} (expected {LATEST} or "
-                                          "step_XXXXXXX.pt)")
+            raise CheckpointNotFoundError(
+                f"no checkpoint found in the folder {path} (expected {LATEST} or step_XXXXXXX.pt)"
+            )
         path = latest
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist; {_describe_folder(path.parent)}")
@@ -208,21 +211,31 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu", mmap: bool =
     except Exception as err:  # torch raises RuntimeError, EOFError, OSError... depending on where it broke
         if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
             # weights_only refused to import a Python class or function: never unpickle such a file here
-            raise CheckpointError(f"{path} holds pickled Python objects, which are not loaded because loading them "
-                                  "could run arbitrary code; it is not a ddpm checkpoint (those hold only tensors "
-                                  "and plain values)") from err
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, which are not loaded because loading them "
+                "could run arbitrary code; it is not a ddpm checkpoint (those hold only tensors "
+                "and plain values)"
+            ) from err
         others = [p.name for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
-        hint = (f"try an earlier one from the same folder ({', '.join(others)})" if others
-                else "no other checkpoint is in that folder")
-        raise CheckpointError(f"checkpoint {path} could not be read (truncated or corrupt? {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); {hint}") from err
+        hint = (
+            f"try an earlier one from the same folder ({', '.join(others)})"
+            if others
+            else "no other checkpoint is in that folder"
+        )
+        raise CheckpointError(
+            f"checkpoint {path} could not be read (truncated or corrupt? {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); {hint}"
+        ) from err
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict; "
-                              "was it written by ddpm.checkpoint.save_checkpoint?")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a dict; "
+            "was it written by ddpm.checkpoint.save_checkpoint?"
+        )
     return state
 
 
 # ---------------------------------------------------------------------------------------------- run folder
+
 
 def step_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / f"step_{step:07d}.pt"
@@ -254,9 +267,12 @@ def save_run_checkpoint(run_dir: str | os.PathLike, state: dict, *, step: int, k
     except OSError as err:  # disk full, quota, I/O: the atomic writes left every earlier file as it was
         newest = find_latest(run_dir)
         kept = f"the newest complete checkpoint is {newest}" if newest else "no earlier checkpoint exists"
-        raise CheckpointWriteError(err.errno, f"could not write the checkpoint {path} ({err.strerror or err}); "
-                                   f"{kept}. Free some space (or fix the folder), then continue with --resume",
-                                   str(path)) from err
+        raise CheckpointWriteError(
+            err.errno,
+            f"could not write the checkpoint {path} ({err.strerror or err}); "
+            f"{kept}. Free some space (or fix the folder), then continue with --resume",
+            str(path),
+        ) from err
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             old.unlink(missing_ok=True)
@@ -283,16 +299,20 @@ def check_run_state(state: dict, source: str | os.PathLike = "the checkpoint", *
     needed = ("config", *weights, *(("optimizer", "step") if resumable else ()))
     missing = [k for k in needed if k not in state]
     if missing:
-        what = (f"{source} is an exported model (EMA weights only): it can be sampled from, not resumed"
-                if state.get("weights") == "ema" and resumable else
-                f"{source} is not a ddpm checkpoint: it has no {', '.join(map(repr, missing))} "
-                f"(its keys: {', '.join(map(str, list(state)[:8])) or 'none'})")
+        what = (
+            f"{source} is an exported model (EMA weights only): it can be sampled from, not resumed"
+            if state.get("weights") == "ema" and resumable
+            else f"{source} is not a ddpm checkpoint: it has no {', '.join(map(repr, missing))} "
+            f"(its keys: {', '.join(map(str, list(state)[:8])) or 'none'})"
+        )
         raise CheckpointError(f"{what}; pass a file written by ddpm.train (a run folder or its step_XXXXXXX.pt)")
     try:
         return RunConfig.from_dict(state["config"])
     except (TypeError, ValueError, AttributeError) as err:  # the config section is data from a file here
-        raise CheckpointError(f"the config stored in {source} cannot be read by this version of ddpm "
-                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise CheckpointError(
+            f"the config stored in {source} cannot be read by this version of ddpm "
+            f"({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
 
 
 def read_run_config(run_dir: str | os.PathLike, *, resumable: bool = True):
@@ -318,15 +338,20 @@ def _check_weights_fit(state: dict, config, source) -> None:
     if isinstance(state.get("ema"), dict) and isinstance(state["ema"].get("shadow"), dict):
         tables.append(("EMA", state["ema"]["shadow"]))
     for what, weights in tables:
-        found = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)} \
-            if isinstance(weights, dict) else {}
+        found = (
+            {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+            if isinstance(weights, dict)
+            else {}
+        )
         wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         if wrong:
             k = wrong[0]
-            raise CheckpointError(f"the {what} weights in {source} do not fit the model its config describes, so they "
-                                  f"come from another architecture or the file was altered: {k} is "
-                                  f"{found.get(k, 'missing')}, the model has {expected.get(k, 'no such weight')}"
-                                  f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}")
+            raise CheckpointError(
+                f"the {what} weights in {source} do not fit the model its config describes, so they "
+                f"come from another architecture or the file was altered: {k} is "
+                f"{found.get(k, 'missing')}, the model has {expected.get(k, 'no such weight')}"
+                f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- run lock
@@ -437,8 +462,10 @@ def _make_dirs(folder: Path) -> list[Path]:
 
 
 def _unwritable_message(run_dir: Path, err: OSError) -> str:
-    return (f"cannot write to the run folder {run_dir} ({err.strerror or err}); choose another --out "
-            "(out_dir), or free space / fix the permissions there")
+    return (
+        f"cannot write to the run folder {run_dir} ({err.strerror or err}); choose another --out "
+        "(out_dir), or free space / fix the permissions there"
+    )
 
 
 def _locked_message(run_dir: Path, holder: dict | None) -> str:
@@ -446,17 +473,26 @@ def _locked_message(run_dir: Path, holder: dict | None) -> str:
         return f"{run_dir} is locked ({run_dir / LOCK} is being written by a run starting there); try again"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
     here = holder.get("host") == socket.gethostname()
-    hint = ("stop that run first, or use another --out" if here else
-            f"it runs on another machine, so whether it is still going cannot be checked from here; if it is not, "
-            f"delete {run_dir / LOCK}")
+    hint = (
+        "stop that run first, or use another --out"
+        if here
+        else f"it runs on another machine, so whether it is still going cannot be checked from here; if it is not, "
+        f"delete {run_dir / LOCK}"
+    )
     who = f"pid {holder.get('pid')} on {holder.get('host')}, since {since}"
     return f"{run_dir} is in use by another run ({who}); {hint}"
 
 
 def _lock_record() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "started": _process_start(pid), "boot": _boot_id(),
-            "time": time.time(), "token": uuid.uuid4().hex}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "started": _process_start(pid),
+        "boot": _boot_id(),
+        "time": time.time(),
+        "token": uuid.uuid4().hex,
+    }
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -474,8 +510,11 @@ def _write_replacing(path: Path, record: dict) -> None:
 
 
 def _same_process(holder: dict) -> bool:
-    return (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
-            and holder.get("started") == _process_start(os.getpid()))
+    return (
+        holder.get("pid") == os.getpid()
+        and holder.get("host") == socket.gethostname()
+        and holder.get("started") == _process_start(os.getpid())
+    )
 
 
 def _is_stale(holder: dict | None, path: Path) -> bool:
@@ -548,14 +587,20 @@ def _remove_stale_temps(run_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- RNG state
 
+
 def capture_rng_state() -> dict:
     """Python, NumPy, torch CPU, CUDA and MPS RNG states in a weights_only-loadable form."""
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "python": {"version": py_version, "state": list(py_internal), "gauss_next": py_gauss},
-        "numpy": {"bit_generator": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "bit_generator": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         # training on MPS draws its noise and timesteps from the MPS generator
@@ -568,8 +613,15 @@ def restore_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
     npy = state["numpy"]
-    np.random.set_state((npy["bit_generator"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            npy["bit_generator"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -578,7 +630,9 @@ def restore_rng_state(state: dict) -> None:
     if mps is not None and mps_available():
         torch.mps.set_rng_state(mps.cpu())
 
+
 # ---------------------------------------------------------------------------------------------- compatibility
+
 
 def config_differences(saved: dict, current: dict, *, prefix: str = "") -> list[str]:
     """Key-by-key differences between two (nested) config dicts, as readable lines.
@@ -610,11 +664,15 @@ def check_compatible(saved: dict, current: dict, *, what: str = "config", source
     diffs = config_differences(saved, current)
     if diffs:
         where = f" {source}" if source else ""
-        raise CheckpointError(f"the checkpoint{where} was made with a different {what}:\n  " + "\n  ".join(diffs)
-                              + "\nuse the same settings to resume, or start a new run folder")
+        raise CheckpointError(
+            f"the checkpoint{where} was made with a different {what}:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse the same settings to resume, or start a new run folder"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- models
+
 
 def load_model(path, *, use_ema: bool = True, device=None):
     """(model in eval mode, NoiseSchedule, RunConfig) from a checkpoint file, a run folder (its latest) or
@@ -636,16 +694,20 @@ def model_from_state(state: dict, *, use_ema: bool = True, device=None, source="
     else:
         weights = state["model"]
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"{source} holds no {'EMA' if use_ema else 'model'} weights (a dict of tensors) "
-                              "where a ddpm checkpoint has them")
+        raise CheckpointError(
+            f"{source} holds no {'EMA' if use_ema else 'model'} weights (a dict of tensors) "
+            "where a ddpm checkpoint has them"
+        )
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     except RuntimeError as err:  # missing, unexpected or differently shaped weights
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         problems = lines[1:] or lines[:1]  # torch's first line is only "Error(s) in loading state_dict for UNet:"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(f"{source} does not fit the model its config describes, so its weights come from "
-                              f"another architecture or the file was altered: {problems[0]}{more}") from err
+        raise CheckpointError(
+            f"{source} does not fit the model its config describes, so its weights come from "
+            f"another architecture or the file was altered: {problems[0]}{more}"
+        ) from err
     device = get_device(device)
     set_norm_path(model, device)
     return model.to(device).eval(), config.diffusion.make_schedule(), config
@@ -656,8 +718,11 @@ def available_models(root: str | os.PathLike) -> dict[str, Path]:
     ships in checkpoints/) and every run folder with a checkpoint (NAME/, its latest); exports first."""
     root = Path(root)
     exported = {p.stem: p for p in sorted(root.glob("*.pt"))}
-    runs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and find_latest(p) is not None} \
-        if root.is_dir() else {}
+    runs = (
+        {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and find_latest(p) is not None}
+        if root.is_dir()
+        else {}
+    )
     return {**exported, **{name if name not in exported else f"{name}/": path for name, path in runs.items()}}
 
 
@@ -671,9 +736,11 @@ def find_model(name_or_path, root: str | os.PathLike = "checkpoints") -> Path:
     if str(name_or_path) in models:
         return models[str(name_or_path)]
     listing = ", ".join(models) or "none"
-    raise CheckpointNotFoundError(f"no model {name_or_path!r}: not a path, and not a name under {root} (there: "
-                                  f"{listing}); train one (python -m ddpm.train) or use a shipped one such as "
-                                  "checkpoints/cpu64.pt")
+    raise CheckpointNotFoundError(
+        f"no model {name_or_path!r}: not a path, and not a name under {root} (there: "
+        f"{listing}); train one (python -m ddpm.train) or use a shipped one such as "
+        "checkpoints/cpu64.pt"
+    )
 
 
 def export_weights(src, dst, *, dtype: torch.dtype = torch.float16, note: str = "") -> Path:
@@ -684,12 +751,21 @@ def export_weights(src, dst, *, dtype: torch.dtype = torch.float16, note: str = 
     if state.get("weights") == "ema":
         raise CheckpointError(f"{src} is already an exported model; export from a run folder or its checkpoints")
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["ema"]["shadow"].items()}
-    export = {"format": 1, "version": package_version(), "weights": "ema", "dtype": str(dtype).replace("torch.", ""),
-              "step": int(state["step"]), "config": state["config"], "model": weights, "note": note}
+    export = {
+        "format": 1,
+        "version": package_version(),
+        "weights": "ema",
+        "dtype": str(dtype).replace("torch.", ""),
+        "step": int(state["step"]),
+        "config": state["config"],
+        "model": weights,
+        "note": note,
+    }
     return save_checkpoint(dst, export)
 
 
 # ---------------------------------------------------------------------------------------------- command lines
+
 
 def one_line(err: BaseException | str) -> str:
     """A message on one line, for `error: ...` on a terminal or in a log: its lines joined where they broke."""
@@ -715,8 +791,10 @@ class UsageParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = UsageParser(prog="python -m ddpm.checkpoint",
-                    description="Export a run's EMA weights (fp16, with its config) as one small file.")
+    p = UsageParser(
+        prog="python -m ddpm.checkpoint",
+        description="Export a run's EMA weights (fp16, with its config) as one small file.",
+    )
     p.add_argument("src", help="a checkpoint file or a run folder (its latest)")
     p.add_argument("dst", help="the file to write, e.g. checkpoints/cpu64.pt")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")

@@ -39,13 +39,14 @@ class ConfigError(UsageError, ValueError):
 
 # ---------------------------------------------------------------------------------------------- sections
 
+
 @dataclass
 class DiffusionConfig:
-    schedule: str = "cosine"            # a ddpm.schedules.SCHEDULES name
+    schedule: str = "cosine"  # a ddpm.schedules.SCHEDULES name
     timesteps: int = 1000
     schedule_params: dict = field(default_factory=dict)  # e.g. {"beta_end": 0.02}; defaults per schedule
-    prediction_type: str = "epsilon"    # a ddpm.diffusion.PREDICTION_TYPES name
-    loss_type: str = "mse"              # a ddpm.diffusion.LOSS_TYPES name
+    prediction_type: str = "epsilon"  # a ddpm.diffusion.PREDICTION_TYPES name
+    loss_type: str = "mse"  # a ddpm.diffusion.LOSS_TYPES name
     min_snr_gamma: float | None = None  # 5.0 is the paper's choice; None = plain loss
 
     def __post_init__(self):
@@ -61,65 +62,80 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64                # images per optimizer step, over all processes and micro-batches
+    batch_size: int = 64  # images per optimizer step, over all processes and micro-batches
     lr: float = 2e-4
-    weight_decay: float = 0.0           # applied to weight matrices/kernels only, not to biases and norms
+    weight_decay: float = 0.0  # applied to weight matrices/kernels only, not to biases and norms
     warmup_steps: int = 500
-    lr_decay: str = "none"              # LR_DECAYS: after warm-up, to min_lr_ratio * lr at max_steps
+    lr_decay: str = "none"  # LR_DECAYS: after warm-up, to min_lr_ratio * lr at max_steps
     min_lr_ratio: float = 0.1
     max_steps: int = 50_000
-    epochs: float | None = None         # passes over the data; when set, it decides max_steps
-    grad_clip: float = 1.0              # max global grad norm; 0 = off
-    grad_accum: int = 1                 # micro-batches per step (batch_size must divide evenly)
+    epochs: float | None = None  # passes over the data; when set, it decides max_steps
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
     ema_decay: float = 0.9995
-    ema_warmup: float = 10.0            # w of decay_t = min(ema_decay, (1 + n) / (w + n)); smaller: longer average; 0: none
+    ema_warmup: float = 10.0  # w of decay_t = min(ema_decay, (1 + n) / (w + n)); smaller: longer average; 0: none
     ema_update_after_step: int = 0
     ema_update_every: int = 1
-    precision: str = "auto"             # PRECISIONS; auto: see ddpm.device.autocast_dtype
-    compile: bool | None = None         # torch.compile the training step; None: on CUDA only (slower on CPU)
+    precision: str = "auto"  # PRECISIONS; auto: see ddpm.device.autocast_dtype
+    compile: bool | None = None  # torch.compile the training step; None: on CUDA only (slower on CPU)
     seed: int = 0
     log_every: int = 50
-    sample_every: int = 2000            # steps; 0 = never
-    sample_every_epochs: float | None = None      # when set, decides sample_every
+    sample_every: int = 2000  # steps; 0 = never
+    sample_every_epochs: float | None = None  # when set, decides sample_every
     sample_n: int = 64
-    sample_method: str | None = None    # None: the model's default (samplers.default_sampler)
+    sample_method: str | None = None  # None: the model's default (samplers.default_sampler)
     sample_steps: int = 20
     sample_guidance_scale: float = 1.0
-    checkpoint_every: int = 2000        # steps
+    checkpoint_every: int = 2000  # steps
     checkpoint_every_epochs: float | None = None  # when set, decides checkpoint_every
-    keep_last: int = 3                  # step_XXXXXXX.pt files kept (0 = all)
-    conditional: bool = False           # class-conditional (Flowers102 labels); num_classes from the data
-    class_dropout: float = 0.1          # share of labels replaced by the null class (classifier-free guidance)
-    device: str = "auto"                # "auto" | "cuda" | "mps" | "cpu"
-    dist_timeout_s: float = 600.0       # DDP: a peer silent this long (hung, or gone before the rendezvous) stops the run
+    keep_last: int = 3  # step_XXXXXXX.pt files kept (0 = all)
+    conditional: bool = False  # class-conditional (Flowers102 labels); num_classes from the data
+    class_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
+    device: str = "auto"  # "auto" | "cuda" | "mps" | "cpu"
+    dist_timeout_s: float = 600.0  # DDP: a peer silent this long (hung, or gone before the rendezvous) stops the run
 
     def __post_init__(self):
         checks = {
             "lr_decay": (self.lr_decay in LR_DECAYS, f"one of {LR_DECAYS}"),
             "min_lr_ratio": (0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1] (0: decay to zero)"),
             "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
-            "sample_method": (self.sample_method is None or self.sample_method in samplers.METHODS,
-                              f"none or one of {samplers.METHODS}"),
+            "sample_method": (
+                self.sample_method is None or self.sample_method in samplers.METHODS,
+                f"none or one of {samplers.METHODS}",
+            ),
             "class_dropout": (0.0 <= self.class_dropout < 1.0, "in [0, 1)"),
             "ema_decay": (0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
             "ema_warmup": (self.ema_warmup == 0 or self.ema_warmup > 1, "0 (none) or > 1"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
             "sample_every": (self.sample_every >= 0, ">= 0 (0 = never)"),
         }
-        positive = ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every", "lr",
-                    "epochs", "sample_every_epochs", "checkpoint_every_epochs", "dist_timeout_s")
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "log_every",
+            "checkpoint_every",
+            "lr",
+            "epochs",
+            "sample_every_epochs",
+            "checkpoint_every_epochs",
+            "dist_timeout_s",
+        )
         for name in positive:
             value = getattr(self, name)
             checks[name] = (value is None or value > 0, "a positive value")
         bad = [(k, hint) for k, (ok, hint) in checks.items() if not ok]
         if bad:
-            raise ValueError("bad train config: " + "; ".join(
-                f"{k}={getattr(self, k)!r} (expected {hint})" for k, hint in bad))
+            raise ValueError(
+                "bad train config: " + "; ".join(f"{k}={getattr(self, k)!r} (expected {hint})" for k, hint in bad)
+            )
 
     def in_steps(self, steps_per_epoch: int) -> TrainConfig:
         """This config with the epoch settings turned into steps (max_steps, sample_every, checkpoint_every)."""
+
         def steps(epochs: float) -> int:
             return max(1, math.ceil(epochs * steps_per_epoch))
+
         changes = {}
         if self.epochs is not None:
             changes["max_steps"] = steps(self.epochs)
@@ -132,12 +148,12 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "flowers102"          # SOURCES: "flowers102" | "folder"
-    root: str | None = None             # flowers102: the folder holding flowers-102/; folder: the images.
-                                        # None = $DATA_ROOT, else "data" (see ddpm.data.load_dataset)
+    source: str = "flowers102"  # SOURCES: "flowers102" | "folder"
+    root: str | None = None  # flowers102: the folder holding flowers-102/; folder: the images.
+    # None = $DATA_ROOT, else "data" (see ddpm.data.load_dataset)
     image_size: int = 64
-    split: str = "all"                  # flowers102: SPLITS
-    cache_dir: str | None = None        # None = ddpm.data's default cache folder
+    split: str = "all"  # flowers102: SPLITS
+    cache_dir: str | None = None  # None = ddpm.data's default cache folder
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -162,8 +178,10 @@ class RunConfig:
             if isinstance(value, dict):
                 setattr(self, name, _section_from_dict(cls, value, name))
         if self.model.image_size != self.data.image_size:
-            raise ValueError(f"model.image_size={self.model.image_size} but data.image_size={self.data.image_size}; "
-                             "set both (the plain override --image_size N does)")
+            raise ValueError(
+                f"model.image_size={self.model.image_size} but data.image_size={self.data.image_size}; "
+                "set both (the plain override --image_size N does)"
+            )
         T = self.diffusion.timesteps
         if self.train.sample_steps > T:
             # caught here, not at the first sample grid hours into the run
@@ -208,6 +226,7 @@ def _section_from_dict(cls, d: dict, name: str):
 # ---------------------------------------------------------------------------------------------- presets
 # One line each on why; the measurements behind them are in docs/quality.md.
 
+
 def preset(name: str, **overrides) -> RunConfig:
     """A named starting config; `overrides` are {key: value} as on the command line (apply_overrides)."""
     if name not in PRESETS:
@@ -222,48 +241,77 @@ def _folder32_objective() -> DiffusionConfig:
 
 def _folder32() -> RunConfig:
     # Every knob measured at equal CPU budgets (lr, EMA, batch, attention, width, depth, schedule): docs/quality.md.
-    return RunConfig(model=unet_preset(32, "attention"), data=DataConfig(source="folder", image_size=32),
-                     diffusion=_folder32_objective(),
-                     train=TrainConfig(batch_size=64, lr=8e-4, max_steps=20_000, sample_every=1000,
-                                       checkpoint_every=1000, ema_decay=0.999))
+    return RunConfig(
+        model=unet_preset(32, "attention"),
+        data=DataConfig(source="folder", image_size=32),
+        diffusion=_folder32_objective(),
+        train=TrainConfig(
+            batch_size=64, lr=8e-4, max_steps=20_000, sample_every=1000, checkpoint_every=1000, ema_decay=0.999
+        ),
+    )
 
 
 def _cpu64() -> RunConfig:
     # 64 px for a laptop CPU: a 16-channel 64 px level over folder32's 32/16/8 px levels (3.7M params) costs
     # about what folder32 costs per image; folder32's objective and lr (docs/quality.md, "cpu64").
-    return RunConfig(model=unet_preset(64, "attention", base_channels=16, channel_mults=(1, 2, 4, 8), groups=8),
-                     data=DataConfig(image_size=64), diffusion=_folder32_objective(),
-                     train=TrainConfig(batch_size=64, lr=8e-4, max_steps=2000, sample_every=250,
-                                       checkpoint_every=250, keep_last=2, ema_decay=0.999))
+    return RunConfig(
+        model=unet_preset(64, "attention", base_channels=16, channel_mults=(1, 2, 4, 8), groups=8),
+        data=DataConfig(image_size=64),
+        diffusion=_folder32_objective(),
+        train=TrainConfig(
+            batch_size=64, lr=8e-4, max_steps=2000, sample_every=250, checkpoint_every=250, keep_last=2, ema_decay=0.999
+        ),
+    )
 
 
 def _flowers64() -> RunConfig:
     # Not yet trained to the end; the objective is not yet the measured folder32 one (docs/quality.md).
-    return RunConfig(model=unet_preset(64, "attention"), data=DataConfig(image_size=64),
-                     train=TrainConfig(batch_size=64, lr=2e-4, max_steps=50_000, warmup_steps=1000))
+    return RunConfig(
+        model=unet_preset(64, "attention"),
+        data=DataConfig(image_size=64),
+        train=TrainConfig(batch_size=64, lr=2e-4, max_steps=50_000, warmup_steps=1000),
+    )
 
 
 def _flowers128() -> RunConfig:
     # As flowers64: untrained here (a CPU-hour buys a few hundred steps at 128 px).
-    return RunConfig(model=unet_preset(128, "attention"), data=DataConfig(image_size=128),
-                     train=TrainConfig(batch_size=32, lr=1e-4, max_steps=100_000, warmup_steps=1000))
+    return RunConfig(
+        model=unet_preset(128, "attention"),
+        data=DataConfig(image_size=128),
+        train=TrainConfig(batch_size=32, lr=1e-4, max_steps=100_000, warmup_steps=1000),
+    )
 
 
 def _quick() -> RunConfig:
     # Same code path as the real presets, sized for a laptop CPU: about a minute, and the loss visibly falls
     # (from ~1.0 to ~0.2); the samples are still blobs, which is what a minute buys.
     model = unet_preset(32, "simple", base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1)
-    return RunConfig(model=model, data=DataConfig(image_size=32),
-                     train=TrainConfig(batch_size=16, lr=1e-3, warmup_steps=20, max_steps=200, ema_decay=0.99,
-                                       log_every=10, sample_every=100, sample_n=16, sample_steps=20,
-                                       checkpoint_every=100, keep_last=2, precision="fp32", device="cpu"))
+    return RunConfig(
+        model=model,
+        data=DataConfig(image_size=32),
+        train=TrainConfig(
+            batch_size=16,
+            lr=1e-3,
+            warmup_steps=20,
+            max_steps=200,
+            ema_decay=0.99,
+            log_every=10,
+            sample_every=100,
+            sample_n=16,
+            sample_steps=20,
+            checkpoint_every=100,
+            keep_last=2,
+            precision="fp32",
+            device="cpu",
+        ),
+    )
 
 
-PRESETS = {"cpu64": _cpu64, "flowers64": _flowers64, "flowers128": _flowers128, "folder32": _folder32,
-           "quick": _quick}
+PRESETS = {"cpu64": _cpu64, "flowers64": _flowers64, "flowers128": _flowers128, "folder32": _folder32, "quick": _quick}
 
 
 # ---------------------------------------------------------------------------------------------- overrides
+
 
 def valid_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -285,10 +333,13 @@ def _resolve_key(key: str) -> list[tuple[str, str]]:
     if not matches:
         close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys], n=3)
         hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
-        listing = "\n  ".join(f"{name}: " + ", ".join(f.name for f in dataclasses.fields(cls))
-                               for name, cls in SECTIONS.items())
-        raise ValueError(f"unknown option --{key}{hint}; valid options are --section.key (or --key where only one "
-                         f"section has it):\n  {listing}")
+        listing = "\n  ".join(
+            f"{name}: " + ", ".join(f.name for f in dataclasses.fields(cls)) for name, cls in SECTIONS.items()
+        )
+        raise ValueError(
+            f"unknown option --{key}{hint}; valid options are --section.key (or --key where only one "
+            f"section has it):\n  {listing}"
+        )
     return matches
 
 

@@ -60,6 +60,7 @@ class DataError(UsageError, ValueError):
 # -----------------------------------------------------------------------------
 # The dataset
 
+
 class ImageDataset(Dataset):
     """Images preprocessed to uint8 (N, 3, S, S), with optional int64 class labels (N,).
 
@@ -67,8 +68,15 @@ class ImageDataset(Dataset):
     use with a torch DataLoader. Training should prefer BatchStream, which does the same per batch.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-                 num_classes: int | None = None, source_info: dict | None = None, files: list[str] | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        num_classes: int | None = None,
+        source_info: dict | None = None,
+        files: list[str] | None = None,
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
         if labels is not None and (labels.shape != (len(images),) or labels.dtype != torch.int64):
@@ -90,7 +98,8 @@ class ImageDataset(Dataset):
 
     def __repr__(self) -> str:
         n, _, s, _ = self.images.shape
-        return f"ImageDataset({n} images, {s}x{s}, num_classes={self.num_classes}, source={self.source_info.get('source')!r})"
+        source = self.source_info.get("source")
+        return f"ImageDataset({n} images, {s}x{s}, num_classes={self.num_classes}, source={source!r})"
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -98,9 +107,16 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def load_dataset(source: str = "flowers102", root: str | Path | None = None, *, image_size: int,
-                 split: str = "all", cache_dir: str | Path | None = None, download: bool = True,
-                 num_workers: int | None = None) -> ImageDataset:
+def load_dataset(
+    source: str = "flowers102",
+    root: str | Path | None = None,
+    *,
+    image_size: int,
+    split: str = "all",
+    cache_dir: str | Path | None = None,
+    download: bool = True,
+    num_workers: int | None = None,
+) -> ImageDataset:
     """Load `source` under `root` as an ImageDataset of centre-cropped, resized uint8 images.
 
     source: "flowers102" (root holds flowers-102/, as for torchvision; downloaded there if missing and
@@ -132,17 +148,32 @@ def load_dataset(source: str = "flowers102", root: str | Path | None = None, *, 
     else:
         payload = _build(paths, base, labels, image_size, key, num_workers=num_workers)
         _write_cache_or_warn(cache_path, payload)
-    _warn_files(f"skipped {len(payload['skipped'])} unreadable file(s) under {root}, using the other "
-                f"{len(payload['images']):,}",
-                [f"{name} ({reason})" for name, reason in payload["skipped"]])
-    _warn_files(f"{len(payload['upsampled'])} image(s) under {root} are smaller than {image_size} px "
-                "on their short side and were upsampled", payload["upsampled"])
+    _warn_files(
+        f"skipped {len(payload['skipped'])} unreadable file(s) under {root}, using the other "
+        f"{len(payload['images']):,}",
+        [f"{name} ({reason})" for name, reason in payload["skipped"]],
+    )
+    _warn_files(
+        f"{len(payload['upsampled'])} image(s) under {root} are smaller than {image_size} px "
+        "on their short side and were upsampled",
+        payload["upsampled"],
+    )
 
-    info = dict(source=source, root=str(root), split=split, image_size=image_size,
-                n_images=len(payload["images"]), n_missing=n_missing, n_skipped=len(payload["skipped"]),
-                n_upsampled=len(payload["upsampled"]), cache_path=str(cache_path), from_cache=from_cache)
-    return ImageDataset(payload["images"], payload["labels"], num_classes=num_classes,
-                        source_info=info, files=payload["files"])
+    info = dict(
+        source=source,
+        root=str(root),
+        split=split,
+        image_size=image_size,
+        n_images=len(payload["images"]),
+        n_missing=n_missing,
+        n_skipped=len(payload["skipped"]),
+        n_upsampled=len(payload["upsampled"]),
+        cache_path=str(cache_path),
+        from_cache=from_cache,
+    )
+    return ImageDataset(
+        payload["images"], payload["labels"], num_classes=num_classes, source_info=info, files=payload["files"]
+    )
 
 
 def _check_args(source: str, split: str, image_size: int) -> None:
@@ -159,6 +190,7 @@ def _check_args(source: str, split: str, image_size: int) -> None:
 # -----------------------------------------------------------------------------
 # Finding the files
 
+
 def _flowers_files(root: Path, split: str, *, download: bool) -> tuple[list[Path], np.ndarray, int, list[Path]]:
     """Image paths present on disk for `split`, their labels, how many are missing, and the metadata files."""
     base = ensure_flowers102(root, download=download)
@@ -171,8 +203,11 @@ def _flowers_files(root: Path, split: str, *, download: bool) -> tuple[list[Path
     if present.sum() == 0:
         raise DataNotFoundError(_flowers_help(root, f"all {len(ids):,} images{where} are missing from {jpg}"))
     if n_missing:
-        warnings.warn(f"flowers102: {n_missing:,} of {len(ids):,} images{where} missing under {jpg}; "
-                      f"using {int(present.sum()):,}", stacklevel=3)
+        warnings.warn(
+            f"flowers102: {n_missing:,} of {len(ids):,} images{where} missing under {jpg}; "
+            f"using {int(present.sum()):,}",
+            stacklevel=3,
+        )
     paths = [jpg / f"image_{i:05d}.jpg" for i in ids[present]]
     return paths, labels[present], n_missing, [base / "imagelabels.mat", base / "setid.mat"]
 
@@ -199,8 +234,10 @@ def detect_source(root: str | Path) -> str | None:
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise DataNotFoundError(f"data folder {root} {what}; pass --data-root (data.root) the folder that holds "
-                                "your images, or the one that holds flowers-102/")
+        raise DataNotFoundError(
+            f"data folder {root} {what}; pass --data-root (data.root) the folder that holds "
+            "your images, or the one that holds flowers-102/"
+        )
     base = root / "flowers-102"
     if (base / "jpg").is_dir() or (base / "imagelabels.mat").is_file() or (base / "setid.mat").is_file():
         return "flowers102"
@@ -211,6 +248,7 @@ def detect_source(root: str | Path) -> str | None:
 def flowers102_class_names() -> list[str]:
     """The 102 class names, indexed by label ("pink primrose", ..., "blackberry lily"), from torchvision."""
     from torchvision.datasets import Flowers102
+
     return list(Flowers102.classes)
 
 
@@ -221,6 +259,7 @@ def _flowers_present(base: Path) -> bool:
 def _flowers_download(root: Path) -> None:
     """torchvision's downloader: fetches and unpacks the three files into root/flowers-102, checking md5s."""
     from torchvision.datasets import Flowers102
+
     try:
         Flowers102(root, split="train", download=True)
     except Exception as err:  # no network, a proxy page, a bad md5, a truncated archive: all end the same way
@@ -232,12 +271,14 @@ def _flowers_download(root: Path) -> None:
 def _flowers_help(root: Path, reason: str) -> str:
     base = root / "flowers-102"
     urls = "\n".join(f"  {FLOWERS_URL}{name}" for name in FLOWERS_FILES)
-    return (f"Oxford Flowers102 not found under {base}: {reason}.\n"
-            f"Download these three files:\n{urls}\n"
-            f"put them in {base}/ and unpack 102flowers.tgz there (tar -xzf 102flowers.tgz), so that you have\n"
-            f"  {base}/imagelabels.mat\n  {base}/setid.mat\n  {base}/jpg/image_00001.jpg ... image_08189.jpg\n"
-            f"then pass root={str(root)!r} (the folder that holds flowers-102/), or set the environment "
-            f"variable DATA_ROOT to it.")
+    return (
+        f"Oxford Flowers102 not found under {base}: {reason}.\n"
+        f"Download these three files:\n{urls}\n"
+        f"put them in {base}/ and unpack 102flowers.tgz there (tar -xzf 102flowers.tgz), so that you have\n"
+        f"  {base}/imagelabels.mat\n  {base}/setid.mat\n  {base}/jpg/image_00001.jpg ... image_08189.jpg\n"
+        f"then pass root={str(root)!r} (the folder that holds flowers-102/), or set the environment "
+        f"variable DATA_ROOT to it."
+    )
 
 
 def _flowers_metadata(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -247,34 +288,48 @@ def _flowers_metadata(base: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     through private attributes and refuses a copy whose .mat checksums differ; the layout is the same.
     """
     from scipy.io import loadmat
+
     try:
         labels = loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"].astype(np.int64) - 1  # 1-based
         setid = loadmat(base / "setid.mat", squeeze_me=True)
         keys = FLOWERS_SPLIT_KEYS.values() if split == "all" else [FLOWERS_SPLIT_KEYS[split]]
         ids = np.sort(np.concatenate([np.atleast_1d(setid[k]) for k in keys]).astype(np.int64))
     except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"could not read the Flowers102 metadata in {base} ({type(err).__name__}: {err}); "
-                        f"download imagelabels.mat and setid.mat again from {FLOWERS_URL}") from err
+        raise DataError(
+            f"could not read the Flowers102 metadata in {base} ({type(err).__name__}: {err}); "
+            f"download imagelabels.mat and setid.mat again from {FLOWERS_URL}"
+        ) from err
     return ids, labels[ids - 1]
 
 
 def _folder_files(root: Path) -> list[Path]:
     """Every image file under root, recursively, in a stable (sorted) order."""
     if not root.is_dir():
-        raise DataNotFoundError(f"image folder {root} does not exist (or is not a folder); "
-                                "pass the folder that holds your images as root")
+        raise DataNotFoundError(
+            f"image folder {root} does not exist (or is not a folder); pass the folder that holds your images as root"
+        )
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
-        raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}, searched "
-                                "recursively; put images there or pass another root")
+        raise DataNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}, searched "
+            "recursively; put images there or pass another root"
+        )
     return paths
 
 
 # -----------------------------------------------------------------------------
 # Decoding and preprocessing
 
-def _build(paths: list[Path], base: Path, labels: np.ndarray | None, image_size: int, key: str, *,
-           num_workers: int | None = None) -> dict:
+
+def _build(
+    paths: list[Path],
+    base: Path,
+    labels: np.ndarray | None,
+    image_size: int,
+    key: str,
+    *,
+    num_workers: int | None = None,
+) -> dict:
     """Decode every file in parallel into the cache payload; unreadable files are left out and listed."""
     names = [p.relative_to(base).as_posix() for p in paths]
     out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
@@ -294,11 +349,15 @@ def _build(paths: list[Path], base: Path, labels: np.ndarray | None, image_size:
     ok = np.array([err is None for err, _ in results], dtype=bool)
     if not ok.any():
         why = "; ".join(f"{names[i]}: {err}" for i, (err, _) in enumerate(results[:MAX_NAMED]))
-        raise DataError(f"none of the {len(paths):,} image files under {base} could be read ({why}); "
-                        "check the files or point root at another folder")
+        raise DataError(
+            f"none of the {len(paths):,} image files under {base} could be read ({why}); "
+            "check the files or point root at another folder"
+        )
     keep = np.flatnonzero(ok)
     return {
-        "format": CACHE_FORMAT, "key": key, "images": torch.from_numpy(out if ok.all() else out[keep]),
+        "format": CACHE_FORMAT,
+        "key": key,
+        "images": torch.from_numpy(out if ok.all() else out[keep]),
         "labels": torch.from_numpy(labels[keep]).long() if labels is not None else None,
         "files": [names[i] for i in keep],
         "skipped": [[names[i], err] for i, (err, _) in enumerate(results) if err is not None],
@@ -317,8 +376,9 @@ def decode_image(path: str | Path, image_size: int) -> tuple[np.ndarray, bool]:
         w, h = img.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC,
-                         box=(left, top, left + side, top + side))  # crop and resize in one pass
+        img = img.resize(
+            (image_size, image_size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+        )  # crop and resize in one pass
         return np.asarray(img, dtype=np.uint8), side < image_size
 
 
@@ -345,12 +405,15 @@ def _progress(iterable, total: int):
 
 def _warn_files(message: str, names: list[str]) -> None:
     if names:
-        listed = ", ".join(names[:MAX_NAMED]) + (f", and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else "")
+        listed = ", ".join(names[:MAX_NAMED]) + (
+            f", and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+        )
         warnings.warn(f"{message}: {listed}", stacklevel=3)
 
 
 # -----------------------------------------------------------------------------
 # The cache: one torch.save file per (source, root, split, image_size, file list)
+
 
 def cache_root() -> Path:
     """The folder every ddpm cache lives under (decoded images here, Inception statistics in ddpm.metrics).
@@ -386,8 +449,14 @@ def _cache_key(source: str, root: Path, split: str, image_size: int, files: list
     for p in files:
         st = p.stat()
         records.append([p.relative_to(base).as_posix(), st.st_size, st.st_mtime_ns])
-    spec = {"format": CACHE_FORMAT, "source": source, "root": str(root.resolve()), "split": split,
-            "image_size": image_size, "files": records}
+    spec = {
+        "format": CACHE_FORMAT,
+        "source": source,
+        "root": str(root.resolve()),
+        "split": split,
+        "image_size": image_size,
+        "files": records,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -432,8 +501,10 @@ def read_cache(path: str | Path, *, check=None) -> dict | None:
         if check is not None:
             check(payload)
     except Exception as err:  # noqa: BLE001 -- truncated, corrupt, another format: all are fixed by rebuilding
-        warnings.warn(f"cache file {path} is unreadable or does not match ({type(err).__name__}: {err}); "
-                      "rebuilding it", stacklevel=2)
+        warnings.warn(
+            f"cache file {path} is unreadable or does not match ({type(err).__name__}: {err}); rebuilding it",
+            stacklevel=2,
+        )
         return None
     return payload
 
@@ -487,6 +558,7 @@ def _check_payload(payload: dict, key: str, image_size: int) -> None:
 # -----------------------------------------------------------------------------
 # The training loader
 
+
 class BatchStream:
     """Endless (x, y) batches from an ImageDataset: x float32 (B, 3, S, S) in [-1, 1] on `device`, y int64 (B,)
     (-1 where the dataset has no labels).
@@ -499,8 +571,18 @@ class BatchStream:
     device (pinned, non-blocking on CUDA: ddpm.device.to_device), and scaling and flipping run there.
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, flip: bool = True, device: str | torch.device = "cpu", drop_last: bool = True):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        flip: bool = True,
+        device: str | torch.device = "cpu",
+        drop_last: bool = True,
+    ):
         n = len(dataset.images)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
@@ -508,9 +590,11 @@ class BatchStream:
             raise ValueError(f"batch_size={batch_size} must be positive")
         self.shard_size = n // world_size
         if batch_size > self.shard_size:
-            raise DataError(f"batch_size={batch_size} is larger than rank {rank}'s shard of {self.shard_size} "
-                            f"images ({n} images over world_size={world_size}); use a smaller batch_size or more "
-                            "images")
+            raise DataError(
+                f"batch_size={batch_size} is larger than rank {rank}'s shard of {self.shard_size} "
+                f"images ({n} images over world_size={world_size}); use a smaller batch_size or more "
+                "images"
+            )
         self.images, self.labels = dataset.images, dataset.labels
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.flip, self.drop_last = flip, drop_last
@@ -531,15 +615,23 @@ class BatchStream:
         self.step = int(step)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size, "n_images": len(self.images), "drop_last": self.drop_last}
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "n_images": len(self.images),
+            "drop_last": self.drop_last,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         differ = {k: (state[k], mine[k]) for k in mine if k != "step" and k in state and state[k] != mine[k]}
         if differ:
-            raise ValueError(f"cannot resume the same batch sequence: saved vs current {differ}; "
-                             "rebuild the BatchStream with the saved settings, or call .seek(step) to go on anyway")
+            raise ValueError(
+                f"cannot resume the same batch sequence: saved vs current {differ}; "
+                "rebuild the BatchStream with the saved settings, or call .seek(step) to go on anyway"
+            )
         self.seek(state["step"])
 
     def __iter__(self) -> BatchStream:
@@ -556,7 +648,7 @@ class BatchStream:
         """This rank's indices for `epoch`, in visiting order, and a flip decision for each."""
         if self._plan_epoch != epoch:
             perm = torch.randperm(len(self.images), generator=_generator(self.seed, epoch))
-            order = perm[self.rank: self.shard_size * self.world_size: self.world_size]
+            order = perm[self.rank : self.shard_size * self.world_size : self.world_size]
             flips = torch.rand(self.shard_size, generator=_generator(self.seed, epoch, self.rank)) < 0.5
             self._plan_epoch, self._plan = epoch, (order, flips)
         return self._plan
@@ -570,8 +662,10 @@ class BatchStream:
         return to_unit_range(x), to_device(y, self.device)
 
     def __repr__(self) -> str:
-        return (f"BatchStream(batch_size={self.batch_size}, seed={self.seed}, rank={self.rank}/{self.world_size}, "
-                f"batches_per_epoch={self.batches_per_epoch}, step={self.step}, device={self.device})")
+        return (
+            f"BatchStream(batch_size={self.batch_size}, seed={self.seed}, rank={self.rank}/{self.world_size}, "
+            f"batches_per_epoch={self.batches_per_epoch}, step={self.step}, device={self.device})"
+        )
 
 
 def _generator(*seeds: int) -> torch.Generator:

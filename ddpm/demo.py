@@ -45,7 +45,7 @@ class NotebookRun:
     name: str
     output: Path
     seconds: float
-    error: str | None = None   # the failing cell's exception, one line; None when it ran through
+    error: str | None = None  # the failing cell's exception, one line; None when it ran through
     cpu_seconds: float | None = None  # CPU time of the kernel (user + system), where the OS reports it
 
     @property
@@ -56,8 +56,10 @@ class NotebookRun:
 def notebook_paths(folder: str | os.PathLike = NOTEBOOK_DIR, *, select: list[str] | None = None) -> list[Path]:
     """The numbered notebooks in `folder`, in order; `select` keeps those whose names start with one of them."""
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"no notebooks folder {Path(folder).resolve()}: run from the repository root "
-                                "(as `make demo` does), or pass --dir FOLDER")
+        raise FileNotFoundError(
+            f"no notebooks folder {Path(folder).resolve()}: run from the repository root "
+            "(as `make demo` does), or pass --dir FOLDER"
+        )
     paths = sorted(p for p in Path(folder).glob("[0-9]*.ipynb"))
     if select:
         paths = [p for p in paths if any(p.name.startswith(s) for s in select)]
@@ -76,8 +78,12 @@ def parameter_names(path: str | os.PathLike) -> set[str]:
     if cell is None:
         return set()
     tree = ast.parse("\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!"))))
-    targets = [t for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    targets = [
+        t
+        for node in tree.body
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+    ]
     names = set()
     for target in targets:
         names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
@@ -119,8 +125,9 @@ def _kernel_env(extra: dict[str, str]):
         os.environ.update(saved)
 
 
-def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, *, parameters: dict | None = None,
-                 timeout: float | None = None) -> NotebookRun:
+def run_notebook(
+    path: str | os.PathLike, out_dir: str | os.PathLike, *, parameters: dict | None = None, timeout: float | None = None
+) -> NotebookRun:
     """Execute one notebook with papermill (cwd = its folder) into out_dir/<same name>.
 
     Only the parameters the notebook's `parameters` cell defines are injected (papermill warns about
@@ -138,15 +145,28 @@ def run_notebook(path: str | os.PathLike, out_dir: str | os.PathLike, *, paramet
     error = None
     with _kernel_env(quick), _quiet_papermill():
         try:
-            pm.execute_notebook(str(path), str(output), parameters=params, cwd=str(path.parent),
-                                kernel_name="python3", language="python", progress_bar=False, execution_timeout=timeout)
+            pm.execute_notebook(
+                str(path),
+                str(output),
+                parameters=params,
+                cwd=str(path.parent),
+                kernel_name="python3",
+                language="python",
+                progress_bar=False,
+                execution_timeout=timeout,
+            )
         except Exception as err:  # noqa: BLE001 -- a failing cell, a dead kernel: reported, and the next notebook runs
             name = getattr(err, "ename", type(err).__name__)
             value = getattr(err, "evalue", str(err))
             error = f"{name}: {value}".splitlines()[0]
     cpu = _children_cpu()
-    return NotebookRun(path.name, output, time.perf_counter() - start, error,
-                       cpu - cpu_start if cpu is not None and cpu_start is not None else None)
+    return NotebookRun(
+        path.name,
+        output,
+        time.perf_counter() - start,
+        error,
+        cpu - cpu_start if cpu is not None and cpu_start is not None else None,
+    )
 
 
 def _children_cpu() -> float | None:
@@ -159,9 +179,16 @@ def _children_cpu() -> float | None:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_notebooks(paths=None, *, out_dir: str | os.PathLike = DEFAULT_OUT, quick: bool = True,
-                  data_root: str | os.PathLike | None = None, parameters: dict | None = None,
-                  timeout: float | None = None, verbose: bool = True) -> list[NotebookRun]:
+def run_notebooks(
+    paths=None,
+    *,
+    out_dir: str | os.PathLike = DEFAULT_OUT,
+    quick: bool = True,
+    data_root: str | os.PathLike | None = None,
+    parameters: dict | None = None,
+    timeout: float | None = None,
+    verbose: bool = True,
+) -> list[NotebookRun]:
     """Execute notebooks in order (default: all of notebooks/) with QUICK and DATA_ROOT set.
 
     data_root: default $DATA_ROOT, else ./data; made absolute (the notebooks run in notebooks/).
@@ -195,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="the real settings instead of QUICK (needs a GPU)")
     p.add_argument("--dir", default=str(NOTEBOOK_DIR), help=f"folder of numbered notebooks (default {NOTEBOOK_DIR})")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"folder for executed copies (default {DEFAULT_OUT})")
-    p.add_argument("--data-root", default=None, help="overrides $DATA_ROOT (the folder holding flowers-102/); "
-                                                     f"default {DEFAULT_DATA_ROOT}/")
-    p.add_argument("--no-data-check", action="store_true",
-                   help="start the notebooks without first making sure Flowers102 is there (notebooks that "
-                        "bring their own data)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help=f"overrides $DATA_ROOT (the folder holding flowers-102/); default {DEFAULT_DATA_ROOT}/",
+    )
+    p.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="start the notebooks without first making sure Flowers102 is there (notebooks that bring their own data)",
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per cell (default: no limit)")
     args = p.parse_args(argv)
     try:

@@ -14,10 +14,9 @@ import warnings
 import numpy as np
 import torch
 
-
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # what `precision` may be, here and in every config and CLI
 _FORCED = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-_OLD_GPU_TORCH = ("pip install torch==2.7.1 torchvision==0.22.1 --index-url https://download.pytorch.org/whl/cu126")
+_OLD_GPU_TORCH = "pip install torch==2.7.1 torchvision==0.22.1 --index-url https://download.pytorch.org/whl/cu126"
 
 
 def mps_available() -> bool:
@@ -42,8 +41,10 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda":
         _check_cuda(device, prefer)
     elif device.type == "mps" and not mps_available():
-        raise RuntimeError(f"device={prefer!r} was asked for but MPS is not available "
-                           "(needs Apple silicon and a macOS build of torch); use device='auto' or 'cpu'")
+        raise RuntimeError(
+            f"device={prefer!r} was asked for but MPS is not available "
+            "(needs Apple silicon and a macOS build of torch); use device='auto' or 'cpu'"
+        )
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device={prefer!r} is not supported; use 'auto', 'cuda', 'mps' or 'cpu'")
     return device
@@ -60,8 +61,10 @@ def _auto_device() -> torch.device:
 
 def _check_cuda(device: torch.device, prefer) -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device={prefer!r} was asked for but CUDA is not available on this machine "
-                           "(torch.cuda.is_available() is False); use device='auto' or 'cpu'")
+        raise RuntimeError(
+            f"device={prefer!r} was asked for but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); use device='auto' or 'cpu'"
+        )
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise RuntimeError(f"device={prefer!r} was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
     problem = unsupported_gpu_message(device)
@@ -105,13 +108,17 @@ def unsupported_gpu_message(device: torch.device | str) -> str | None:
     sm = f"sm_{capability[0]}{capability[1]}"
     oldest = min((divmod(int(n), 10) for n in re.findall(r"(?:sm|compute)_(\d+)", " ".join(arch_list))), default=None)
     if oldest is not None and capability < oldest:  # the usual case: a GPU newer wheels dropped (P100, V100)
-        fix = ("install a torch build that still covers it, e.g. for sm_60/sm_70 a CUDA 12.6 wheel of torch 2.7: "
-               f"`{_OLD_GPU_TORCH}`")
+        fix = (
+            "install a torch build that still covers it, e.g. for sm_60/sm_70 a CUDA 12.6 wheel of torch 2.7: "
+            f"`{_OLD_GPU_TORCH}`"
+        )
     else:
         fix = f"install a torch build whose arch list includes {sm}"
-    return (f"Found {torch.cuda.get_device_name(device)} ({sm}), but this torch build (torch {torch.__version__}, "
-            f"arch list {', '.join(arch_list)}) has no kernels for it. To use it, {fix} (check the install "
-            "matrix at https://pytorch.org/get-started/locally/); or use the CPU: --train.device cpu (device='cpu').")
+    return (
+        f"Found {torch.cuda.get_device_name(device)} ({sm}), but this torch build (torch {torch.__version__}, "
+        f"arch list {', '.join(arch_list)}) has no kernels for it. To use it, {fix} (check the install "
+        "matrix at https://pytorch.org/get-started/locally/); or use the CPU: --train.device cpu (device='cpu')."
+    )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -151,9 +158,11 @@ def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch
     if precision == "auto":
         return _auto_dtype(device)
     if precision == "bf16" and device.type == "cuda" and not _cuda_has_fast_bf16(device):
-        raise ValueError(f"precision='bf16' on {torch.cuda.get_device_name(device)} ({_sm(device)}): this GPU has "
-                         "no fast bf16 (no bf16 tensor cores before sm_80): it would be emulated; "
-                         "use precision='fp16' (with a GradScaler) or 'auto', which picks it")
+        raise ValueError(
+            f"precision='bf16' on {torch.cuda.get_device_name(device)} ({_sm(device)}): this GPU has "
+            "no fast bf16 (no bf16 tensor cores before sm_80): it would be emulated; "
+            "use precision='fp16' (with a GradScaler) or 'auto', which picks it"
+        )
     return _FORCED[precision]
 
 

@@ -29,12 +29,15 @@ def check_loss_type(loss_type: str) -> None:
 
 
 def _rates(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor):
-    return (schedule.gather(schedule.sqrt_alphas_cumprod, t, like),
-            schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, like))
+    return (
+        schedule.gather(schedule.sqrt_alphas_cumprod, t, like),
+        schedule.gather(schedule.sqrt_one_minus_alphas_cumprod, t, like),
+    )
 
 
-def get_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-               prediction_type: str) -> torch.Tensor:
+def get_target(
+    schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """What the model should output for x_t = add_noise(x0, noise, t)."""
     check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
@@ -45,8 +48,9 @@ def get_target(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, t
     return a * noise - s * x0
 
 
-def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor,
-               prediction_type: str) -> torch.Tensor:
+def predict_x0(
+    schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """x_0 implied by the model's output: x_0 = (x_t - s_t eps) / a_t, or x_0 = a_t x_t - s_t v."""
     check_prediction_type(prediction_type)
     if prediction_type == "sample":
@@ -57,8 +61,9 @@ def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, mode
     return a * x_t - s * model_output
 
 
-def predict_epsilon(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor,
-                    prediction_type: str) -> torch.Tensor:
+def predict_epsilon(
+    schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """eps implied by the model's output: eps = (x_t - a_t x_0) / s_t, or eps = s_t x_t + a_t v."""
     check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
@@ -94,9 +99,18 @@ def randn_like(x: torch.Tensor) -> torch.Tensor:
     return noise
 
 
-def training_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, *, y: torch.Tensor | None = None,
-                  prediction_type: str = "epsilon", loss_type: str = "mse", min_snr_gamma: float | None = None,
-                  timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+def training_loss(
+    model,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    *,
+    y: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    loss_type: str = "mse",
+    min_snr_gamma: float | None = None,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The denoising loss for one batch: E_{t, eps} [ w(t) * loss(model(x_t, t), target) ].
 
     t is uniform on {0, ..., T-1} and eps ~ N(0, I), both drawn on x0's device from the global torch

@@ -111,9 +111,19 @@ def _mixed_class_embedding(model, a: int, b: int, weights: torch.Tensor):
         handle.remove()
 
 
-def interpolate(model, schedule: NoiseSchedule, config, *, seeds: tuple[int, int] = (0, 1),
-                classes: tuple[int, int] | None = None, n: int = 8, steps: int = 20, guidance_scale: float = 1.0,
-                clip_denoised: bool = True, progress: bool = False) -> torch.Tensor:
+def interpolate(
+    model,
+    schedule: NoiseSchedule,
+    config,
+    *,
+    seeds: tuple[int, int] = (0, 1),
+    classes: tuple[int, int] | None = None,
+    n: int = 8,
+    steps: int = 20,
+    guidance_scale: float = 1.0,
+    clip_denoised: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
     """n images (n, C, H, W) in [-1, 1] on the CPU, from seed a's image to seed b's.
 
     Start noise i is slerp(x_T(a), x_T(b), i / (n - 1)) (x_T of a seed: start_noise), and each is sampled
@@ -139,33 +149,73 @@ def interpolate(model, schedule: NoiseSchedule, config, *, seeds: tuple[int, int
         if classes is not None:
             mixing = _mixed_class_embedding(model, classes[0], classes[1], weights.float())
     with mixing:
-        images = generate_from_noise(model, schedule, x_T, steps=steps,
-                                     prediction_type=config.diffusion.prediction_type, y=y,
-                                     guidance_scale=guidance_scale, clip_denoised=clip_denoised, progress=progress)
+        images = generate_from_noise(
+            model,
+            schedule,
+            x_T,
+            steps=steps,
+            prediction_type=config.diffusion.prediction_type,
+            y=y,
+            guidance_scale=guidance_scale,
+            clip_denoised=clip_denoised,
+            progress=progress,
+        )
     return images.float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------- DDIM inversion
 
 
-def generate_from_noise(model, schedule: NoiseSchedule, x_T: torch.Tensor, *, steps: int = 50,
-                        prediction_type: str = "epsilon", y: torch.Tensor | int | None = None,
-                        guidance_scale: float = 1.0, spacing: str = DEFAULT_SPACING["ddim"],
-                        clip_denoised: bool = False, progress: bool = False, callback=None) -> torch.Tensor:
+def generate_from_noise(
+    model,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    *,
+    steps: int = 50,
+    prediction_type: str = "epsilon",
+    y: torch.Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    spacing: str = DEFAULT_SPACING["ddim"],
+    clip_denoised: bool = False,
+    progress: bool = False,
+    callback=None,
+) -> torch.Tensor:
     """x_0 from the given start noise x_T by deterministic DDIM (eta = 0): the way back of invert.
 
     y: labels (B,), one int for all, or None (on a conditional model: the null class, "no label").
     clip_denoised is off by default: clamping x0 predictions is not invertible, so a reconstruction
     (invert then generate_from_noise) wants it off; turn it on to draw images from made-up noise.
     """
-    return sample(model, schedule, tuple(x_T.shape), method="ddim", steps=steps, eta=0.0,
-                  prediction_type=prediction_type, y=_labels(model, y, x_T.shape[0]), guidance_scale=guidance_scale,
-                  clip_denoised=clip_denoised, progress=progress, callback=callback, spacing=spacing, x_T=x_T)
+    return sample(
+        model,
+        schedule,
+        tuple(x_T.shape),
+        method="ddim",
+        steps=steps,
+        eta=0.0,
+        prediction_type=prediction_type,
+        y=_labels(model, y, x_T.shape[0]),
+        guidance_scale=guidance_scale,
+        clip_denoised=clip_denoised,
+        progress=progress,
+        callback=callback,
+        spacing=spacing,
+        x_T=x_T,
+    )
 
 
-def invert(model, schedule: NoiseSchedule, x0: torch.Tensor, *, steps: int = 50, prediction_type: str = "epsilon",
-           y: torch.Tensor | int | None = None, guidance_scale: float = 1.0, spacing: str = DEFAULT_SPACING["ddim"],
-           progress: bool = False) -> torch.Tensor:
+def invert(
+    model,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    *,
+    steps: int = 50,
+    prediction_type: str = "epsilon",
+    y: torch.Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    spacing: str = DEFAULT_SPACING["ddim"],
+    progress: bool = False,
+) -> torch.Tensor:
     """x_T for the images x0 (B, C, H, W): the DDIM ODE run from the data up to noise (Song et al. 2021, sec. 4.3).
 
     DDIM's deterministic step (eq. 12, eta = 0) from level t to the level below, t',
@@ -197,9 +247,16 @@ def invert(model, schedule: NoiseSchedule, x0: torch.Tensor, *, steps: int = 50,
     return x
 
 
-def inversion_errors(model, schedule: NoiseSchedule, x0: torch.Tensor, *, steps=(10, 20, 50, 100),
-                     prediction_type: str = "epsilon", y: torch.Tensor | int | None = None,
-                     spacing: str = DEFAULT_SPACING["ddim"]) -> list[dict]:
+def inversion_errors(
+    model,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    *,
+    steps=(10, 20, 50, 100),
+    prediction_type: str = "epsilon",
+    y: torch.Tensor | int | None = None,
+    spacing: str = DEFAULT_SPACING["ddim"],
+) -> list[dict]:
     """The round trip x0 -> invert -> generate_from_noise -> x0' for each number of steps (each way).
 
     One row per entry of `steps`: steps, nfe (network evaluations, both ways), rmse and max_abs of x0' - x0
@@ -209,19 +266,26 @@ def inversion_errors(model, schedule: NoiseSchedule, x0: torch.Tensor, *, steps=
     rows = []
     for n in steps:
         x_T = invert(model, schedule, x0, steps=n, prediction_type=prediction_type, y=y, spacing=spacing)
-        back = generate_from_noise(model, schedule, x_T, steps=n, prediction_type=prediction_type, y=y,
-                                   spacing=spacing)
+        back = generate_from_noise(model, schedule, x_T, steps=n, prediction_type=prediction_type, y=y, spacing=spacing)
         err = (back.double().cpu() - x0.double().cpu()).flatten()
-        rows.append({"steps": n, "nfe": 2 * n, "rmse": float(err.pow(2).mean().sqrt()),
-                     "max_abs": float(err.abs().max()), "x_T_std": float(x_T.double().std())})
+        rows.append(
+            {
+                "steps": n,
+                "nfe": 2 * n,
+                "rmse": float(err.pow(2).mean().sqrt()),
+                "max_abs": float(err.abs().max()),
+                "x_T_std": float(x_T.double().std()),
+            }
+        )
     return rows
 
 
 def inversion_table(rows: list[dict]) -> str:
     """inversion_errors' rows as a Markdown table."""
     lines = ["| steps | NFE | RMSE | max abs error | std of x_T |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['steps']} | {r['nfe']} | {r['rmse']:.2e} | {r['max_abs']:.2e} | {r['x_T_std']:.3f} |"
-              for r in rows]
+    lines += [
+        f"| {r['steps']} | {r['nfe']} | {r['rmse']:.2e} | {r['max_abs']:.2e} | {r['x_T_std']:.3f} |" for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -237,10 +301,11 @@ def rectangle_mask(size, top: int, left: int, height: int, width: int) -> torch.
     """(1, 1, H, W) float mask of an image of `size` (S or (H, W)): 0 in the rectangle (to fill), 1 elsewhere."""
     h, w = _size(size)
     if not (0 <= top and 0 <= left and height > 0 and width > 0 and top + height <= h and left + width <= w):
-        raise ValueError(f"rectangle top={top}, left={left}, height={height}, width={width} does not fit "
-                         f"inside an image of {h}x{w}")
+        raise ValueError(
+            f"rectangle top={top}, left={left}, height={height}, width={width} does not fit inside an image of {h}x{w}"
+        )
     mask = torch.ones(1, 1, h, w)
-    mask[..., top:top + height, left:left + width] = 0
+    mask[..., top : top + height, left : left + width] = 0
     return mask
 
 
@@ -291,8 +356,7 @@ def repaint_path(steps: int, *, jump_length: int = 1, resample: int = 0) -> list
     plain sampling; jump_length=1 is the paper's Algorithm 1 with U = resample + 1.
     """
     if jump_length < 1 or resample < 0:
-        raise ValueError(f"need jump_length >= 1 and resample >= 0, got jump_length={jump_length}, "
-                         f"resample={resample}")
+        raise ValueError(f"need jump_length >= 1 and resample >= 0, got jump_length={jump_length}, resample={resample}")
     jumps = {p: resample for p in range(jump_length, steps) if (steps - 1 - p) % jump_length == 0}
     path, p = [0], 0
     while p < steps:
@@ -305,12 +369,27 @@ def repaint_path(steps: int, *, jump_length: int = 1, resample: int = 0) -> list
     return path
 
 
-def inpaint(model, schedule: NoiseSchedule, image: torch.Tensor, mask: torch.Tensor, *, method: str = "ddpm",
-            steps: int | None = None, jump_length: int = 1, resample: int = 0, eta: float = 0.0,
-            prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-            y: torch.Tensor | int | None = None, guidance_scale: float = 1.0, clip_denoised: bool = True,
-            variance: str = "posterior", spacing: str | None = None, progress: bool = False,
-            callback=None) -> torch.Tensor:
+def inpaint(
+    model,
+    schedule: NoiseSchedule,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    method: str = "ddpm",
+    steps: int | None = None,
+    jump_length: int = 1,
+    resample: int = 0,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+    y: torch.Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    clip_denoised: bool = True,
+    variance: str = "posterior",
+    spacing: str | None = None,
+    progress: bool = False,
+    callback=None,
+) -> torch.Tensor:
     """Fill the pixels of `image` where `mask` is 0, keeping those where it is 1: RePaint (Lugmayr et al. 2022).
 
     Every step from level t down to t' combines (their eq. 8)
@@ -334,8 +413,9 @@ def inpaint(model, schedule: NoiseSchedule, image: torch.Tensor, mask: torch.Ten
     try:
         torch.broadcast_shapes(mask.shape, image.shape)
     except RuntimeError:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to image "
-                         f"{tuple(image.shape)}") from None
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to image {tuple(image.shape)}"
+        ) from None
     batch, device = image.shape[0], samplers._model_device(model)
     y = _labels(model, y, batch)
     samplers._check_args(model, schedule, method, eta, variance, y, guidance_scale, batch, prediction_type)
@@ -370,8 +450,11 @@ def inpaint(model, schedule: NoiseSchedule, image: torch.Tensor, mask: torch.Ten
             if method == "ddpm":
                 unknown = samplers._ddpm_step(x, x0, abar_t, abar_next, variance=variance, noise=noise)
             else:
-                eps = (predict_epsilon(schedule, x, t_batch, out, prediction_type) if not clip_denoised
-                       else (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t))
+                eps = (
+                    predict_epsilon(schedule, x, t_batch, out, prediction_type)
+                    if not clip_denoised
+                    else (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+                )
                 unknown = samplers._ddim_step(x0, eps, abar_t, abar_next, eta=eta, noise=noise)
             known = image if t_next < 0 else schedule.add_noise(image, noise(), torch.full((batch,), t_next))
             x = mask * known + (1 - mask) * unknown

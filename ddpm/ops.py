@@ -43,8 +43,8 @@ def gn_backward(gy, xhat, rstd, w4, weight, bias, scale, groups):
     """Gradients of y = xhat * w' + b' for x, weight, bias, scale, shift, given dL/dy (closed form)."""
     B, C = xhat.shape[:2]
     acc = torch.promote_types(xhat.dtype, torch.float32)
-    s1 = gy.sum((2, 3)).to(acc)            # dL/db'  (B, C); reductions accumulate in fp32
-    s2 = (gy * xhat).sum((2, 3)).to(acc)   # dL/dw'
+    s1 = gy.sum((2, 3)).to(acc)  # dL/db'  (B, C); reductions accumulate in fp32
+    s2 = (gy * xhat).sum((2, 3)).to(acc)  # dL/dw'
     # dx = rstd (w' gy - mean_g(w' gy) - xhat mean_g(w' gy xhat)), means over the group's (c, h, w)
     n = (C // groups) * xhat[0, 0].numel()
     w = w4.view(B, C).to(acc)
@@ -104,16 +104,24 @@ class GroupNormActConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups, eps, conv_weight, conv_bias, stride, padding,
-                dilation, conv_groups):
+    def forward(
+        ctx, x, weight, bias, scale, shift, groups, eps, conv_weight, conv_bias, stride, padding, dilation, conv_groups
+    ):
         xhat, rstd, w4, b4 = gn_forward(x, weight, bias, scale, shift, groups, eps)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         cw = conv_weight.to(dtype)
         cb = conv_bias.to(dtype) if conv_bias is not None else None
         with torch.autocast(device, enabled=False):
-            out = F.conv2d(F.silu(torch.addcmul(b4, xhat, w4), inplace=True).to(dtype), cw, cb, stride, padding,
-                           dilation, conv_groups)
+            out = F.conv2d(
+                F.silu(torch.addcmul(b4, xhat, w4), inplace=True).to(dtype),
+                cw,
+                cb,
+                stride,
+                padding,
+                dilation,
+                conv_groups,
+            )
         ctx.save_for_backward(xhat, rstd, w4, b4, weight, bias, scale, cw)
         ctx.groups, ctx.conv_args = groups, (stride, padding, dilation, conv_groups)
         ctx.bias_dtype = conv_bias.dtype if conv_bias is not None else None
@@ -127,12 +135,31 @@ class GroupNormActConv(torch.autograd.Function):
         y = torch.addcmul(b4, xhat, w4)
         has_bias = ctx.bias_dtype is not None
         grad_h, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-            grad_out.to(cw.dtype), F.silu(y).to(cw.dtype), cw, [cw.shape[0]] if has_bias else None, stride,
-            padding, dilation, False, [0, 0], conv_groups, [True, True, has_bias])
+            grad_out.to(cw.dtype),
+            F.silu(y).to(cw.dtype),
+            cw,
+            [cw.shape[0]] if has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            conv_groups,
+            [True, True, has_bias],
+        )
         gy = torch.ops.aten.silu_backward.grad_input(grad_h.to(xhat.dtype), y, grad_input=y)  # into y's buffer
         grads = gn_backward(gy, xhat, rstd, w4, weight, bias, scale, ctx.groups)
-        return (*grads, None, None, grad_cw.to(ctx.weight_dtype),
-                grad_cb.to(ctx.bias_dtype) if has_bias else None, None, None, None, None)
+        return (
+            *grads,
+            None,
+            None,
+            grad_cw.to(ctx.weight_dtype),
+            grad_cb.to(ctx.bias_dtype) if has_bias else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _fused(x, norm, scale, shift, act, conv):
@@ -140,8 +167,21 @@ def _fused(x, norm, scale, shift, act, conv):
         return GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
     if not isinstance(conv.padding, tuple):
         raise ValueError(f"the fused norm -> SiLU -> conv needs numeric padding, got padding={conv.padding!r}")
-    return GroupNormActConv.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, conv.weight,
-                                  conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return GroupNormActConv.apply(
+        x,
+        norm.weight,
+        norm.bias,
+        scale,
+        shift,
+        norm.num_groups,
+        norm.eps,
+        conv.weight,
+        conv.bias,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+    )
 
 
 def _plain(x, norm, scale, shift, act, conv):
@@ -157,9 +197,16 @@ def _plain(x, norm, scale, shift, act, conv):
     return conv(h) if conv is not None else h
 
 
-def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, *, scale: torch.Tensor | None = None,
-                   shift: torch.Tensor | None = None, act: bool = False, conv: nn.Conv2d | None = None,
-                   fused: bool = True) -> torch.Tensor:
+def group_norm_act(
+    x: torch.Tensor,
+    norm: nn.GroupNorm,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: bool = False,
+    conv: nn.Conv2d | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
     """GroupNorm(x) with `norm`'s parameters, then h * (1 + scale) + shift (scale, shift: (B, C)), then SiLU if
     act, then `conv` if given (act must be True). fused=True: as one fast autograd node (the CPU's path);
     False: as the plain PyTorch ops (CUDA's and MPS's). Statistics in fp32 either way."""

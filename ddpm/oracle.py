@@ -20,8 +20,9 @@ from .schedules import NoiseSchedule
 class GaussianDenoiser:
     """model(x_t, t) -> the optimal prediction (of `prediction_type`) for data N(mean, std^2), per element."""
 
-    def __init__(self, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor, *,
-                 prediction_type: str = "epsilon"):
+    def __init__(
+        self, schedule: NoiseSchedule, mean: torch.Tensor, std: torch.Tensor, *, prediction_type: str = "epsilon"
+    ):
         check_prediction_type(prediction_type)
         self.schedule = schedule
         self.mean, self.std = mean.double(), std.double()

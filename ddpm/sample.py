@@ -21,10 +21,24 @@ from .device import PRECISIONS, autocast, get_device
 from .viz import save_grid
 
 
-def generate(model, schedule, config, *, n: int, method: str | None = None, steps: int | None = None,
-             spacing: str | None = None, eta: float = 0.0, seed: int = 0, class_label: int | None = None,
-             guidance_scale: float = 1.0, batch_size: int | None = None, precision: str = "auto",
-             progress: bool = True, callback=None) -> torch.Tensor:
+def generate(
+    model,
+    schedule,
+    config,
+    *,
+    n: int,
+    method: str | None = None,
+    steps: int | None = None,
+    spacing: str | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    class_label: int | None = None,
+    guidance_scale: float = 1.0,
+    batch_size: int | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+    callback=None,
+) -> torch.Tensor:
     """n images in [-1, 1] (float32, CPU) from a model returned by ddpm.checkpoint.load_model.
 
     method:      a ddpm.samplers.METHODS entry; None: the model's own (ddpm.samplers.default_sampler), at its
@@ -59,11 +73,26 @@ def generate(model, schedule, config, *, n: int, method: str | None = None, step
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
         with autocast(device, precision):
-            chunks.append(samplers.sample(
-                model, schedule, (m, config.model.in_channels, size, size), method=method, steps=steps,
-                spacing=spacing, eta=eta, prediction_type=config.diffusion.prediction_type, generator=generator,
-                y=labels[start:start + m] if labels is not None else None,
-                guidance_scale=guidance_scale, progress=progress, callback=callback, device=device).float().cpu())
+            chunks.append(
+                samplers.sample(
+                    model,
+                    schedule,
+                    (m, config.model.in_channels, size, size),
+                    method=method,
+                    steps=steps,
+                    spacing=spacing,
+                    eta=eta,
+                    prediction_type=config.diffusion.prediction_type,
+                    generator=generator,
+                    y=labels[start : start + m] if labels is not None else None,
+                    guidance_scale=guidance_scale,
+                    progress=progress,
+                    callback=callback,
+                    device=device,
+                )
+                .float()
+                .cpu()
+            )
     return torch.cat(chunks)
 
 
@@ -83,21 +112,33 @@ def save_images(images: torch.Tensor, out, *, nrow: int | None = None) -> tuple[
 def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
     """The command line. A mistake in what was asked (a missing or unreadable checkpoint, a bad --n, --steps or
     --out, a device that is not there) is one `error: ...` line and exit status 2, before anything is written."""
-    p = UsageParser(prog="python -m ddpm.sample", allow_abbrev=False,
-                    description="Sample a grid of images from a ddpm checkpoint.")
+    p = UsageParser(
+        prog="python -m ddpm.sample", allow_abbrev=False, description="Sample a grid of images from a ddpm checkpoint."
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint file, or a run folder (uses its latest.pt)")
     p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--method", default=None, choices=samplers.METHODS,
-                   help="default: the model's own (ddpm.samplers.default_sampler, by its prediction type and "
-                        "schedule)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="network evaluations (default: 20 with the default method; if --method is given, "
-                        "ddpm all T, ddim 50, dpmpp_2m and dpmpp_2m_sde 20)")
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=samplers.METHODS,
+        help="default: the model's own (ddpm.samplers.default_sampler, by its prediction type and schedule)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="network evaluations (default: 20 with the default method; if --method is given, "
+        "ddpm all T, ddim 50, dpmpp_2m and dpmpp_2m_sde 20)",
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (ddim only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="grid PNG; the single images go to a folder of the same name")
-    p.add_argument("--class-label", type=int, default=None,
-                   help="class of every image (conditional models; default: classes in turn)")
+    p.add_argument(
+        "--class-label",
+        type=int,
+        default=None,
+        help="class of every image (conditional models; default: classes in turn)",
+    )
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (memory); default all")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
@@ -113,9 +154,21 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
         _check_against_model(args, config)
     except UsageError as err:
         exit_with_error(err)
-    images = generate(model, schedule, config, n=args.n, method=args.method, steps=args.steps, eta=args.eta,
-                      seed=args.seed, class_label=args.class_label, guidance_scale=args.guidance_scale,
-                      batch_size=args.batch_size, precision=args.precision, progress=not args.no_progress)
+    images = generate(
+        model,
+        schedule,
+        config,
+        n=args.n,
+        method=args.method,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        class_label=args.class_label,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        progress=not args.no_progress,
+    )
     grid, paths = save_images(images, args.out, nrow=args.nrow)
     print(f"wrote {grid} and {len(paths)} images in {grid.with_suffix('')}/")
     return grid, paths
@@ -131,14 +184,17 @@ def _check_args(args) -> None:
         raise UsageError(f"--eta {args.eta}: must be >= 0 (0: deterministic DDIM, 1: DDPM-like)")
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise UsageError(f"--out {out}: name an image file such as grid.png (the single images go to a folder "
-                         "of the same name)")
+        raise UsageError(
+            f"--out {out}: name an image file such as grid.png (the single images go to a folder of the same name)"
+        )
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; name an image file such as {out / 'grid.png'}")
     existing = next(q for q in [out.parent, *out.parent.parents] if q.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: cannot write there ({existing} is "
-                         f"{'not a folder' if not existing.is_dir() else 'not writable'}); choose another path")
+        raise UsageError(
+            f"--out {out}: cannot write there ({existing} is "
+            f"{'not a folder' if not existing.is_dir() else 'not writable'}); choose another path"
+        )
 
 
 def _check_device(name: str | None):
@@ -157,11 +213,14 @@ def _check_against_model(args, config) -> None:
     if args.eta != 0 and method != "ddim":
         raise UsageError(f"--eta {args.eta} applies to --method ddim only (the method here is {method})")
     if (args.class_label is not None or args.guidance_scale != 1.0) and not conditional:
-        raise UsageError(f"{'--class-label' if args.class_label is not None else '--guidance-scale'} needs a "
-                         "class-conditional model; this one is unconditional (leave the option out)")
+        raise UsageError(
+            f"{'--class-label' if args.class_label is not None else '--guidance-scale'} needs a "
+            "class-conditional model; this one is unconditional (leave the option out)"
+        )
     if args.class_label is not None and not 0 <= args.class_label < config.model.num_classes:
-        raise UsageError(f"--class-label {args.class_label}: this model has classes 0 to "
-                         f"{config.model.num_classes - 1}")
+        raise UsageError(
+            f"--class-label {args.class_label}: this model has classes 0 to {config.model.num_classes - 1}"
+        )
 
 
 if __name__ == "__main__":

@@ -130,17 +130,34 @@ def _check_args(model, schedule, method, eta, variance, y, guidance_scale, batch
         if y is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs class labels y (a conditional model)")
         if getattr(model, "null_class", None) is None:
-            raise ValueError("classifier-free guidance needs a model with a null class (model.null_class); "
-                             "train with conditional=True and class dropout")
+            raise ValueError(
+                "classifier-free guidance needs a model with a null class (model.null_class); "
+                "train with conditional=True and class dropout"
+            )
     if y is not None and y.shape[0] != batch:
         raise ValueError(f"y has {y.shape[0]} labels but shape asks for a batch of {batch}")
 
 
-def sample(model, schedule: NoiseSchedule, shape, *, method: str = "ddpm", steps: int | None = None,
-           eta: float = 0.0, prediction_type: str = "epsilon", generator: torch.Generator | None = None,
-           y: torch.Tensor | int | None = None, guidance_scale: float = 1.0, clip_denoised: bool = True,
-           progress: bool = True, callback=None, spacing: str | None = None, variance: str = "posterior",
-           device: torch.device | str | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    model,
+    schedule: NoiseSchedule,
+    shape,
+    *,
+    method: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+    y: torch.Tensor | int | None = None,
+    guidance_scale: float = 1.0,
+    clip_denoised: bool = True,
+    progress: bool = True,
+    callback=None,
+    spacing: str | None = None,
+    variance: str = "posterior",
+    device: torch.device | str | None = None,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Draw a batch of images x_0 of `shape` (B, C, H, W) from `model`, starting at x_T ~ N(0, I).
 
     model:        a callable model(x_t, t) or model(x_t, t, y); t holds *training* timesteps (B,).
@@ -162,17 +179,50 @@ def sample(model, schedule: NoiseSchedule, shape, *, method: str = "ddpm", steps
         model.eval()
     try:
         with torch.inference_mode():
-            return _sample(model, schedule, shape, method=method, steps=steps, eta=eta,
-                           prediction_type=prediction_type, generator=generator, y=y,
-                           guidance_scale=guidance_scale, clip_denoised=clip_denoised, progress=progress,
-                           callback=callback, spacing=spacing, variance=variance, device=device, x_T=x_T)
+            return _sample(
+                model,
+                schedule,
+                shape,
+                method=method,
+                steps=steps,
+                eta=eta,
+                prediction_type=prediction_type,
+                generator=generator,
+                y=y,
+                guidance_scale=guidance_scale,
+                clip_denoised=clip_denoised,
+                progress=progress,
+                callback=callback,
+                spacing=spacing,
+                variance=variance,
+                device=device,
+                x_T=x_T,
+            )
     finally:
         if was_training:
             model.train()
 
 
-def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, generator, y, guidance_scale,
-            clip_denoised, progress, callback, spacing, variance, device, x_T):
+def _sample(
+    model,
+    schedule,
+    shape,
+    *,
+    method,
+    steps,
+    eta,
+    prediction_type,
+    generator,
+    y,
+    guidance_scale,
+    clip_denoised,
+    progress,
+    callback,
+    spacing,
+    variance,
+    device,
+    x_T,
+):
     batch = shape[0]
     device = torch.device(device) if device is not None else _model_device(model)
     if isinstance(y, int):
@@ -183,8 +233,11 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
     y = to_device(y, device) if y is not None else None
     if steps is None:  # the method's default, but never more steps than the schedule has (T may be small)
         steps = None if DEFAULT_STEPS[method] is None else min(DEFAULT_STEPS[method], schedule.timesteps)
-    timesteps = set_timesteps(schedule, schedule.timesteps if steps is None else steps,
-                              spacing=DEFAULT_SPACING[method] if spacing is None else spacing)
+    timesteps = set_timesteps(
+        schedule,
+        schedule.timesteps if steps is None else steps,
+        spacing=DEFAULT_SPACING[method] if spacing is None else spacing,
+    )
     null_class = getattr(model, "null_class", None)
     pairs = _step_pairs(timesteps, schedule.alphas_cumprod)
     draws = sum(_draws_noise(method, abar_t, abar_prev, eta=eta) for _, _, abar_t, abar_prev in pairs)
@@ -192,8 +245,11 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
     noise = _Noise(shape, draws + (x_T is None), generator=generator, device=device)
 
     x = noise() if x_T is None else x_T.to(device=device, dtype=torch.float32)
-    solver = (_DPMSolverPP2M(schedule, noise=noise if method == "dpmpp_2m_sde" else None)
-              if method.startswith("dpmpp") else None)
+    solver = (
+        _DPMSolverPP2M(schedule, noise=noise if method == "dpmpp_2m_sde" else None)
+        if method.startswith("dpmpp")
+        else None
+    )
     for i, (t, prev, abar_t, abar_prev) in enumerate(tqdm(pairs, desc=method, disable=not progress, leave=False)):
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
         out = _guided_output(model, x, t_batch, y, guidance_scale, null_class)
@@ -206,8 +262,11 @@ def _sample(model, schedule, shape, *, method, steps, eta, prediction_type, gene
             x = _ddpm_step(x, x0, abar_t, abar_prev, variance=variance, noise=noise)
         elif method == "ddim":
             # eps consistent with the (possibly clipped) x0, as in DDIM's eq. 12
-            eps = (predict_epsilon(schedule, x, t_batch, out, prediction_type) if not clip_denoised
-                   else (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t))
+            eps = (
+                predict_epsilon(schedule, x, t_batch, out, prediction_type)
+                if not clip_denoised
+                else (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+            )
             x = _ddim_step(x0, eps, abar_t, abar_prev, eta=eta, noise=noise)
         else:
             x = solver(x, x0, t, prev)

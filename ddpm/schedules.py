@@ -31,8 +31,9 @@ _DEFAULTS = {
 
 def _linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
     if not 0.0 < beta_start <= beta_end < 1.0:
-        raise ValueError(f"linear schedule needs 0 < beta_start <= beta_end < 1, got "
-                         f"beta_start={beta_start}, beta_end={beta_end}")
+        raise ValueError(
+            f"linear schedule needs 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
+        )
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
@@ -40,8 +41,10 @@ def _scaled_linear_betas(T: int, beta_start: float, beta_end: float) -> torch.Te
     # beta_t = (sqrt(beta_start) + t/(T-1) (sqrt(beta_end) - sqrt(beta_start)))^2: linear in sqrt(beta), so
     # the betas stay small for longer than the linear schedule's and the signal fades later.
     if not 0.0 < beta_start <= beta_end < 1.0:
-        raise ValueError(f"scaled_linear schedule needs 0 < beta_start <= beta_end < 1, got "
-                         f"beta_start={beta_start}, beta_end={beta_end}")
+        raise ValueError(
+            f"scaled_linear schedule needs 0 < beta_start <= beta_end < 1, got "
+            f"beta_start={beta_start}, beta_end={beta_end}"
+        )
     return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
 
 
@@ -81,8 +84,10 @@ def _offset_cosine_alphas_cumprod(T: int, max_signal_rate: float, min_signal_rat
     # linear in diffusion time from arccos(max_signal_rate) at time 0 to arccos(min_signal_rate) at time 1.
     # Timestep t in 0..T-1 sits at time t/(T-1), so the first and last steps hit the two rates exactly.
     if not 0.0 < min_signal_rate < max_signal_rate < 1.0:
-        raise ValueError("offset_cosine schedule needs 0 < min_signal_rate < max_signal_rate < 1, got "
-                         f"min_signal_rate={min_signal_rate}, max_signal_rate={max_signal_rate}")
+        raise ValueError(
+            "offset_cosine schedule needs 0 < min_signal_rate < max_signal_rate < 1, got "
+            f"min_signal_rate={min_signal_rate}, max_signal_rate={max_signal_rate}"
+        )
     time = torch.linspace(0, 1, T, dtype=torch.float64) if T > 1 else torch.ones(1, dtype=torch.float64)
     start, end = math.acos(max_signal_rate), math.acos(min_signal_rate)
     theta = start + time * (end - start)
@@ -150,13 +155,17 @@ class NoiseSchedule:
 
     def _check_timesteps(self, timesteps: torch.Tensor) -> None:
         if timesteps.numel() and (int(timesteps.min()) < 0 or int(timesteps.max()) >= self.timesteps):
-            raise ValueError(f"timesteps must lie in [0, {self.timesteps - 1}] for this schedule, got "
-                             f"min={int(timesteps.min())}, max={int(timesteps.max())}")
+            raise ValueError(
+                f"timesteps must lie in [0, {self.timesteps - 1}] for this schedule, got "
+                f"min={int(timesteps.min())}, max={int(timesteps.max())}"
+            )
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample from q(x_t | x_0): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (diffusers' argument order)."""
-        return (self.gather(self.sqrt_alphas_cumprod, timesteps, original) * original
-                + self.gather(self.sqrt_one_minus_alphas_cumprod, timesteps, original) * noise)
+        return (
+            self.gather(self.sqrt_alphas_cumprod, timesteps, original) * original
+            + self.gather(self.sqrt_one_minus_alphas_cumprod, timesteps, original) * noise
+        )
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """SNR(t) = abar_t / (1 - abar_t), float32 on the device of `timesteps`."""
@@ -187,14 +196,19 @@ def make_schedule(name: str, timesteps: int = 1000, **params) -> NoiseSchedule:
         raise ValueError(f"timesteps must be a positive integer (300, 600, 1000 are common), got {timesteps!r}")
     unknown = set(params) - set(_DEFAULTS[name])
     if unknown:
-        raise ValueError(f"{name} schedule got unknown parameter(s) {sorted(unknown)}; "
-                         f"valid: {', '.join(_DEFAULTS[name])}")
+        raise ValueError(
+            f"{name} schedule got unknown parameter(s) {sorted(unknown)}; valid: {', '.join(_DEFAULTS[name])}"
+        )
     p = {**_DEFAULTS[name], **{k: float(v) for k, v in params.items()}}
     if name == "offset_cosine":
         abar = _offset_cosine_alphas_cumprod(timesteps, **p)
     else:
-        betas = {"linear": _linear_betas, "cosine": _cosine_betas, "sigmoid": _sigmoid_betas,
-                 "scaled_linear": _scaled_linear_betas}[name](timesteps, **p)
+        betas = {
+            "linear": _linear_betas,
+            "cosine": _cosine_betas,
+            "sigmoid": _sigmoid_betas,
+            "scaled_linear": _scaled_linear_betas,
+        }[name](timesteps, **p)
         abar = torch.cumprod(1 - betas, 0)
     return NoiseSchedule(name, abar, p)
 

@@ -45,8 +45,8 @@ from .ema import EMA
 from .sample import generate
 from .unet import UNet, fused_norm_for, preferred_memory_format, set_norm_path
 
-
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, cosine or linear
@@ -137,8 +137,9 @@ def setup_dist(device_pref: str, *, timeout_s: float = 600.0) -> tuple[DistInfo,
         raise RuntimeError("DDP on MPS is not supported; use device='cpu' (Gloo) or CUDA (NCCL)")
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
         created = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, created), device
 
@@ -149,24 +150,29 @@ def resolve_config(cfg: RunConfig, dataset, world_size: int) -> RunConfig:
     tc = cfg.train
     if tc.conditional and cfg.model.num_classes is None:
         if dataset.num_classes is None:
-            raise ConfigError(f"train.conditional=true needs class labels, but the {cfg.data.source} data at "
-                             f"{cfg.data.root} has none; use --train.conditional false")
+            raise ConfigError(
+                f"train.conditional=true needs class labels, but the {cfg.data.source} data at "
+                f"{cfg.data.root} has none; use --train.conditional false"
+            )
         cfg = apply_overrides(cfg, {"model.num_classes": dataset.num_classes})
     elif not tc.conditional and cfg.model.num_classes is not None:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but train.conditional=false; set "
-                         "--train.conditional true, or --model.num_classes none for an unconditional model")
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but train.conditional=false; set "
+            "--train.conditional true, or --model.num_classes none for an unconditional model"
+        )
     micro = tc.batch_size // (world_size * tc.grad_accum)
     steps_per_epoch = max(1, (len(dataset) // world_size) // micro // tc.grad_accum)
-    return RunConfig(model=cfg.model, diffusion=cfg.diffusion, train=cfg.train.in_steps(steps_per_epoch),
-                     data=cfg.data)
+    return RunConfig(model=cfg.model, diffusion=cfg.diffusion, train=cfg.train.in_steps(steps_per_epoch), data=cfg.data)
 
 
 def check_batch_split(tc: TrainConfig, world_size: int) -> int:
     """Images per micro-batch on each process."""
     per_rank = tc.batch_size // (world_size * tc.grad_accum)
     if per_rank < 1 or per_rank * world_size * tc.grad_accum != tc.batch_size:
-        raise ConfigError(f"batch_size={tc.batch_size} must divide evenly into world_size={world_size} x "
-                         f"grad_accum={tc.grad_accum} micro-batches")
+        raise ConfigError(
+            f"batch_size={tc.batch_size} must divide evenly into world_size={world_size} x "
+            f"grad_accum={tc.grad_accum} micro-batches"
+        )
     return per_rank
 
 
@@ -176,12 +182,18 @@ def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
     ckpt.check_compatible(saved["model"], current["model"], what="model config", source=path)
     ckpt.check_compatible(saved["diffusion"], current["diffusion"], what="diffusion config", source=path)
     data_keys = ("source", "image_size", "split")
-    ckpt.check_compatible({k: saved["data"].get(k) for k in data_keys}, {k: current["data"][k] for k in data_keys},
-                          what="data config", source=path)
+    ckpt.check_compatible(
+        {k: saved["data"].get(k) for k in data_keys},
+        {k: current["data"][k] for k in data_keys},
+        what="data config",
+        source=path,
+    )
     changed = ckpt.config_differences(saved["train"], current["train"], prefix="train.")
     if changed:
-        print("resuming with changed training settings (the run will not repeat exactly):\n  "
-              + "\n  ".join(changed), file=sys.stderr)
+        print(
+            "resuming with changed training settings (the run will not repeat exactly):\n  " + "\n  ".join(changed),
+            file=sys.stderr,
+        )
 
 
 def _read_history(path: Path, upto: int) -> list[dict]:
@@ -198,16 +210,16 @@ def _read_history(path: Path, upto: int) -> list[dict]:
 
 @dataclass
 class TrainResult:
-    step: int                      # the last step trained
+    step: int  # the last step trained
     run_dir: Path
-    checkpoint: Path | None        # the newest checkpoint (run_dir/latest.pt)
+    checkpoint: Path | None  # the newest checkpoint (run_dir/latest.pt)
     config: RunConfig
-    history: list[dict]            # the loss log rows: step, epoch, loss, lr, grad_norm, images_per_s, elapsed_s, cpu_s
-    samples: list[Path]            # sample grids written by this call
+    history: list[dict]  # the loss log rows: step, epoch, loss, lr, grad_norm, images_per_s, elapsed_s, cpu_s
+    samples: list[Path]  # sample grids written by this call
     log_path: Path | None
     plot_path: Path | None
-    model: torch.nn.Module         # the trained model (live weights; unwrapped from DDP / compile)
-    ema: object                    # its EMA (use `with result.ema.swapped_in(): ...` to sample)
+    model: torch.nn.Module  # the trained model (live weights; unwrapped from DDP / compile)
+    ema: object  # its EMA (use `with result.ema.swapped_in(): ...` to sample)
 
     @property
     def losses(self) -> list[tuple[int, float]]:
@@ -216,8 +228,16 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def train(config: RunConfig, *, out_dir, resume: bool = False, max_steps: int | None = None, callback=None,
-          progress: bool = True) -> TrainResult:
+
+def train(
+    config: RunConfig,
+    *,
+    out_dir,
+    resume: bool = False,
+    max_steps: int | None = None,
+    callback=None,
+    progress: bool = True,
+) -> TrainResult:
     """Train `config`, writing checkpoints, samples and logs to `out_dir`.
 
     resume:    continue from out_dir's newest checkpoint (model, EMA, optimizer, grad scaler, RNG, data
@@ -232,8 +252,14 @@ def train(config: RunConfig, *, out_dir, resume: bool = False, max_steps: int | 
     d, device = setup_dist(config.train.device, timeout_s=config.train.dist_timeout_s)
     loop = None
     try:
-        loop = TrainLoop(RunConfig.from_dict(config.to_dict()), Path(out_dir), d=d, device=device,
-                         callback=callback, progress=progress)
+        loop = TrainLoop(
+            RunConfig.from_dict(config.to_dict()),
+            Path(out_dir),
+            d=d,
+            device=device,
+            callback=callback,
+            progress=progress,
+        )
         loop.start(resume)
         return loop.run(max_steps)
     finally:
@@ -246,8 +272,9 @@ def train(config: RunConfig, *, out_dir, resume: bool = False, max_steps: int | 
 class TrainLoop:
     """One training run, as improved-diffusion's TrainLoop: start() builds or resumes, run() steps."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, *, d: DistInfo, device: torch.device, callback=None,
-                 progress: bool = True):
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, *, d: DistInfo, device: torch.device, callback=None, progress: bool = True
+    ):
         if cfg.data.source == "folder" and cfg.data.root is None:
             raise ConfigError("data.source='folder' needs the image folder: pass --data-root PATH (data.root)")
         self.cfg, self.run_dir, self.d, self.device = cfg, run_dir, d, device
@@ -281,20 +308,26 @@ class TrainLoop:
         latest = ckpt.find_latest(self.run_dir)
         if not resume:
             if latest is not None:
-                raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume (resume=True) to "
-                                      "continue that run, or choose a new --out folder")
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints; pass --resume (resume=True) to "
+                    "continue that run, or choose a new --out folder"
+                )
             return None, None
         if latest is None:
-            raise FileNotFoundError(f"resume asked for, but {self.run_dir} holds no checkpoint (latest.pt or "
-                                    "step_XXXXXXX.pt); start without --resume")
+            raise FileNotFoundError(
+                f"resume asked for, but {self.run_dir} holds no checkpoint (latest.pt or "
+                "step_XXXXXXX.pt); start without --resume"
+            )
         return ckpt.load_checkpoint(latest), latest  # every rank reads the same checkpoint
 
     def _load_data(self):
         from .data import load_dataset
 
         dc = self.cfg.data
+
         def load():
             return load_dataset(dc.source, dc.root, image_size=dc.image_size, split=dc.split, cache_dir=dc.cache_dir)
+
         dataset = load() if self.d.main else None  # rank 0 builds the uint8 cache first: no race on writing it
         self.d.barrier()
         return dataset if dataset is not None else load()
@@ -308,13 +341,19 @@ class TrainLoop:
         self.raw_model = UNet(cfg.model)
         set_norm_path(self.raw_model, device)  # the CPU's fused GroupNorm node, or the plain modules on CUDA/MPS
         self.raw_model.to(device, memory_format=preferred_memory_format(device))
-        self.ema = EMA(self.raw_model, decay=tc.ema_decay, update_after_step=tc.ema_update_after_step,
-                       update_every=tc.ema_update_every, warmup=tc.ema_warmup)
+        self.ema = EMA(
+            self.raw_model,
+            decay=tc.ema_decay,
+            update_after_step=tc.ema_update_after_step,
+            update_every=tc.ema_update_every,
+            warmup=tc.ema_warmup,
+        )
         self.optimizer = make_optimizer(self.raw_model, tc, device)
         # fp16 needs loss scaling (its range ends at 65504); bf16 and fp32 do not, and a disabled scaler is a no-op
         self.scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, tc.precision))
-        self.stream = BatchStream(dataset, self.per_rank, seed=tc.seed, rank=self.d.rank,
-                                  world_size=self.d.world_size, device=device)
+        self.stream = BatchStream(
+            dataset, self.per_rank, seed=tc.seed, rank=self.d.rank, world_size=self.d.world_size, device=device
+        )
         self.model = self.ddp_model = self.raw_model
         if self.d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -342,13 +381,16 @@ class TrainLoop:
         self.step = int(state["step"])
         try:  # the exact data position and RNG draws, where this run has the same shape as the saved one
             if int(state.get("world_size", 1)) != d.world_size:
-                raise ValueError(f"the checkpoint was made on {state.get('world_size')} process(es), "
-                                 f"this run has {d.world_size}")
+                raise ValueError(
+                    f"the checkpoint was made on {state.get('world_size')} process(es), this run has {d.world_size}"
+                )
             self.stream.load_state_dict(state["data"][d.rank])
             ckpt.restore_rng_state(state["rng"][d.rank])
         except ValueError as err:
-            print(f"resuming approximately ({err}): the data order and noise draws will differ from an "
-                  "uninterrupted run", file=sys.stderr)
+            print(
+                f"resuming approximately ({err}): the data order and noise draws will differ from an uninterrupted run",
+                file=sys.stderr,
+            )
             self.stream.seek(self.step * tc.grad_accum)
             seed_everything(tc.seed + 1000 * self.step + d.rank)
 
@@ -370,8 +412,14 @@ class TrainLoop:
         stop = tc.max_steps if stop is None else int(stop)
         self.raw_model.train()
         self._reset_counters()
-        bar = tqdm(total=stop, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.d.main))
+        bar = tqdm(
+            total=stop,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.progress and self.d.main),
+        )
         try:
             while self.step < stop:
                 if self.compile_s is None:
@@ -388,11 +436,18 @@ class TrainLoop:
             bar.close()
         self.d.barrier()
         d = self.d
-        return TrainResult(step=self.step, run_dir=self.run_dir, checkpoint=ckpt.find_latest(self.run_dir),
-                           config=self.cfg, history=self.history, samples=self.samples,
-                           log_path=self.log_path if d.main else None,
-                           plot_path=self.plot_path if d.main and self.plot_path.exists() else None,
-                           model=self.raw_model, ema=self.ema)
+        return TrainResult(
+            step=self.step,
+            run_dir=self.run_dir,
+            checkpoint=ckpt.find_latest(self.run_dir),
+            config=self.cfg,
+            history=self.history,
+            samples=self.samples,
+            log_path=self.log_path if d.main else None,
+            plot_path=self.plot_path if d.main and self.plot_path.exists() else None,
+            model=self.raw_model,
+            ema=self.ema,
+        )
 
     def _reset_counters(self) -> None:
         device = self.device
@@ -430,9 +485,15 @@ class TrainLoop:
             no_sync = self.ddp_model.no_sync() if self.d.enabled and not last else contextlib.nullcontext()
             with no_sync:
                 with autocast(self.device, tc.precision):
-                    loss = diffusion.training_loss(self.model, self.schedule, x, y=y,
-                                                   prediction_type=dt.prediction_type, loss_type=dt.loss_type,
-                                                   min_snr_gamma=dt.min_snr_gamma)
+                    loss = diffusion.training_loss(
+                        self.model,
+                        self.schedule,
+                        x,
+                        y=y,
+                        prediction_type=dt.prediction_type,
+                        loss_type=dt.loss_type,
+                        min_snr_gamma=dt.min_snr_gamma,
+                    )
                 self.scaler.scale(loss / tc.grad_accum).backward()
             step_loss += loss.detach()
         self._optimizer_step()
@@ -481,15 +542,20 @@ class TrainLoop:
         if int(bad) >= 0:
             raise FloatingPointError(
                 f"the training loss became non-finite at step {int(bad)}; stopping. The last good checkpoint is "
-                f"{ckpt.find_latest(self.run_dir)}. Lower train.lr, set train.grad_clip, or use precision=fp32.")
+                f"{ckpt.find_latest(self.run_dir)}. Lower train.lr, set train.grad_clip, or use precision=fp32."
+            )
         now = time.perf_counter()
         n_steps = self.step - self.last_sync_step
-        row = {"step": self.step, "epoch": round(self.stream.step / self.stream.batches_per_epoch, 4),
-               "loss": stats[0].item() / n_steps, "lr": lr_at(self.step - 1, tc),
-               "grad_norm": stats[1].item() if tc.grad_clip > 0 else None,
-               "images_per_s": n_steps * tc.batch_size / max(now - self.last_sync_time, 1e-9),
-               "elapsed_s": self.elapsed_before + now - self.start_time,
-               "cpu_s": self.cpu_before + time.process_time() - self.start_cpu}  # the cost on a shared machine
+        row = {
+            "step": self.step,
+            "epoch": round(self.stream.step / self.stream.batches_per_epoch, 4),
+            "loss": stats[0].item() / n_steps,
+            "lr": lr_at(self.step - 1, tc),
+            "grad_norm": stats[1].item() if tc.grad_clip > 0 else None,
+            "images_per_s": n_steps * tc.batch_size / max(now - self.last_sync_time, 1e-9),
+            "elapsed_s": self.elapsed_before + now - self.start_time,
+            "cpu_s": self.cpu_before + time.process_time() - self.start_cpu,
+        }  # the cost on a shared machine
         if self.scaler.is_enabled():
             row.update(skipped_steps=int(stats[2].item()), loss_scale=self.scaler.get_scale())
         if self.compile_s is not None and use_compile(tc, self.device) and len(self.history) == 0:
@@ -501,8 +567,12 @@ class TrainLoop:
             self.history.append(row)
             with self.log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(epoch=f"{row['epoch']:.2f}", loss=f"{row['loss']:.4f}",
-                            img_s=f"{row['images_per_s']:.0f}", refresh=False)
+            bar.set_postfix(
+                epoch=f"{row['epoch']:.2f}",
+                loss=f"{row['loss']:.4f}",
+                img_s=f"{row['images_per_s']:.0f}",
+                refresh=False,
+            )
             if self.callback is not None:
                 self.callback(self.step, {**row, "run_dir": self.run_dir})
 
@@ -522,9 +592,18 @@ class TrainLoop:
         (the run's seed), so the grids of a run are frames of one progression."""
         tc = self.cfg.train
         with self.ema.swapped_in():
-            images = generate(self.raw_model, self.schedule, self.cfg, n=tc.sample_n, method=tc.sample_method,
-                              steps=tc.sample_steps, seed=tc.seed, precision=tc.precision, progress=False,
-                              guidance_scale=tc.sample_guidance_scale if self.cfg.model.num_classes else 1.0)
+            images = generate(
+                self.raw_model,
+                self.schedule,
+                self.cfg,
+                n=tc.sample_n,
+                method=tc.sample_method,
+                steps=tc.sample_steps,
+                seed=tc.seed,
+                precision=tc.precision,
+                progress=False,
+                guidance_scale=tc.sample_guidance_scale if self.cfg.model.num_classes else 1.0,
+            )
         path = viz.save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png")
         self.samples.append(path)
         return path
@@ -532,22 +611,34 @@ class TrainLoop:
     def save(self) -> Path | None:
         """A checkpoint of everything resume needs (rank 0 writes it, atomically)."""
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.raw_model.parameters()]).all()):
-            raise FloatingPointError(f"the weights became non-finite by step {self.step} (the loss was still finite: "
-                                     f"exploding gradients? lower train.lr or set train.grad_clip); not saving. "
-                                     f"The last good checkpoint is {ckpt.find_latest(self.run_dir)}")
+            raise FloatingPointError(
+                f"the weights became non-finite by step {self.step} (the loss was still finite: "
+                f"exploding gradients? lower train.lr or set train.grad_clip); not saving. "
+                f"The last good checkpoint is {ckpt.find_latest(self.run_dir)}"
+            )
         rng = self.d.gather(ckpt.capture_rng_state())
         data = self.d.gather(self.stream.state_dict())
         if not self.d.main:
             return None
-        state = {"format": 1, "version": ckpt.package_version(), "step": self.step, "config": self.cfg.to_dict(),
-                 "model": self.raw_model.state_dict(), "ema": self.ema.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "lr": lr_at(max(self.step - 1, 0), self.cfg.train), "rng": rng, "data": data,
-                 "world_size": self.d.world_size}
+        state = {
+            "format": 1,
+            "version": ckpt.package_version(),
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": self.raw_model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "lr": lr_at(max(self.step - 1, 0), self.cfg.train),
+            "rng": rng,
+            "data": data,
+            "world_size": self.d.world_size,
+        }
         return ckpt.save_run_checkpoint(self.run_dir, state, step=self.step, keep_last=self.cfg.train.keep_last)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
 
 def _config_from_args(args, rest: list[str]) -> RunConfig:
     """The run's config from the command line: a preset (or, with --resume, the run folder's newest
@@ -583,8 +674,9 @@ def _resume_config(out: Path) -> RunConfig:
     file, or weights that do not fit their config, are refused before the data is loaded."""
     latest = ckpt.find_latest(out)
     if latest is None:
-        raise UsageError(f"--resume asked for, but {out} holds no checkpoint (latest.pt or step_XXXXXXX.pt); "
-                         "start without --resume")
+        raise UsageError(
+            f"--resume asked for, but {out} holds no checkpoint (latest.pt or step_XXXXXXX.pt); start without --resume"
+        )
     return ckpt.read_run_config(latest)
 
 
@@ -593,8 +685,10 @@ def _with_detected_source(config: RunConfig, root: Path) -> RunConfig:
     "folder". An existing folder with neither keeps a Flowers102 preset's source (it downloads there)."""
     source = detect_source(root)
     if source is None and config.data.source == "folder":
-        raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}, searched recursively, "
-                                "and no flowers-102/ in it; put your images there or pass another --data-root")
+        raise DataNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}, searched recursively, "
+            "and no flowers-102/ in it; put your images there or pass another --data-root"
+        )
     if source is None or source == config.data.source:
         return config
     return apply_overrides(config, {"data.source": source, **({"data.split": "all"} if source == "folder" else {})})
@@ -605,8 +699,9 @@ def _check_environment(config: RunConfig, out: Path, resume: bool) -> None:
     processes, whether a new run would land on an old run's checkpoints; plus the label rules resolve_config
     would otherwise report only once the data is loaded."""
     if not resume and ckpt.find_latest(out) is not None:
-        raise UsageError(f"{out} already holds checkpoints; pass --resume to continue that run, or choose a new "
-                         "--out folder")
+        raise UsageError(
+            f"{out} already holds checkpoints; pass --resume to continue that run, or choose a new --out folder"
+        )
     try:
         get_device(config.train.device)
     except (RuntimeError, ValueError) as err:  # only from checking the device name
@@ -618,8 +713,10 @@ def _check_environment(config: RunConfig, out: Path, resume: bool) -> None:
     if config.data.source == "folder" and config.data.root is None:
         raise UsageError("data.source=folder needs the image folder: pass --data-root PATH")
     if config.train.conditional and config.model.num_classes is None and config.data.source == "folder":
-        raise UsageError("--train.conditional true needs class labels, and a folder of images has none; "
-                         "use --train.conditional false or Flowers102")
+        raise UsageError(
+            "--train.conditional true needs class labels, and a folder of images has none; "
+            "use --train.conditional false or Flowers102"
+        )
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -627,13 +724,19 @@ def main(argv: list[str] | None = None) -> TrainResult:
     written; a failure part-way (a full disk, non-finite loss) is one such line and status 1, the newest
     checkpoint intact. Bugs keep their traceback."""
     parser = ckpt.UsageParser(
-        prog="python -m ddpm.train", allow_abbrev=False, epilog=__doc__,
+        prog="python -m ddpm.train",
+        allow_abbrev=False,
+        epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a DDPM. Any config key can be overridden with --section.key VALUE or --key VALUE "
-                    "(where unique), e.g. --train.lr 2e-4 --model.base_channels 64 --image_size 32.")
+        "(where unique), e.g. --train.lr 2e-4 --model.base_channels 64 --image_size 32.",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="starting config (required unless --resume)")
-    parser.add_argument("--data-root", help="sets data.root: a Flowers102 root (holding flowers-102/) or a folder "
-                                            "of images; which one is detected unless --data.source is given")
+    parser.add_argument(
+        "--data-root",
+        help="sets data.root: a Flowers102 root (holding flowers-102/) or a folder "
+        "of images; which one is detected unless --data.source is given",
+    )
     parser.add_argument("--out", required=True, help="run folder: checkpoints, samples, log.jsonl, loss.png")
     parser.add_argument("--max-steps", type=int, help="sets train.max_steps")
     parser.add_argument("--epochs", type=float, help="sets train.epochs: passes over the data instead of max_steps")
@@ -662,9 +765,11 @@ def main(argv: list[str] | None = None) -> TrainResult:
     except OSError as err:
         if err.errno not in _OUT_OF_SPACE:
             raise
-        ckpt.exit_with_error(f"could not write {err.filename or 'a file'} in {args.out} ({err.strerror}); the newest "
-                             f"complete checkpoint is {ckpt.find_latest(args.out)}; free some space, then --resume",
-                             code=1)
+        ckpt.exit_with_error(
+            f"could not write {err.filename or 'a file'} in {args.out} ({err.strerror}); the newest "
+            f"complete checkpoint is {ckpt.find_latest(args.out)}; free some space, then --resume",
+            code=1,
+        )
     except Exception as err:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             raise
@@ -685,10 +790,13 @@ def _exit_dist_failure(err: Exception, out: Path):
 
     traceback.print_exc()
     rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
-    ckpt.exit_with_error(f"process {rank} of {world} of this DDP run stopped ({type(err).__name__}: "
-                         f"{ckpt.one_line(err)[:300]}); if another process failed first, its own error says why. "
-                         f"The newest complete checkpoint is {ckpt.find_latest(out)}: restart every process with "
-                         "--resume", code=1)
+    ckpt.exit_with_error(
+        f"process {rank} of {world} of this DDP run stopped ({type(err).__name__}: "
+        f"{ckpt.one_line(err)[:300]}); if another process failed first, its own error says why. "
+        f"The newest complete checkpoint is {ckpt.find_latest(out)}: restart every process with "
+        "--resume",
+        code=1,
+    )
 
 
 if __name__ == "__main__":

@@ -67,17 +67,17 @@ def check_keys(given, valid, what: str) -> None:
 class UNetConfig:
     image_size: int = 64
     in_channels: int = 3
-    out_channels: int | None = None           # None: same as in_channels
+    out_channels: int | None = None  # None: same as in_channels
     base_channels: int = 64
     channel_mults: tuple[int, ...] = (1, 2, 2, 4)  # one level per entry; each level after the first halves the size
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get self-attention; () = none
-    mid_attention: bool = True                 # self-attention in the middle block
-    head_dim: int = 64                         # channels per attention head (one head if a level is narrower)
+    mid_attention: bool = True  # self-attention in the middle block
+    head_dim: int = 64  # channels per attention head (one head if a level is narrower)
     dropout: float = 0.0
-    num_classes: int | None = None             # None: unconditional; else an extra "null" class for CFG
-    groups: int = 32                           # GroupNorm groups
-    gradient_checkpointing: bool = False       # recompute block activations in backward to save memory
+    num_classes: int | None = None  # None: unconditional; else an extra "null" class for CFG
+    groups: int = 32  # GroupNorm groups
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
 
     def __post_init__(self):
         # JSON turns tuples into lists; turn them back so configs compare equal after a round-trip
@@ -87,19 +87,28 @@ class UNetConfig:
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults={self.channel_mults} must be a non-empty tuple of positive ints")
         if self.image_size % 2 ** (len(self.channel_mults) - 1):
-            raise ValueError(f"image_size={self.image_size} must be divisible by 2**{len(self.channel_mults) - 1} "
-                             f"for {len(self.channel_mults)} levels (channel_mults={self.channel_mults})")
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by 2**{len(self.channel_mults) - 1} "
+                f"for {len(self.channel_mults)} levels (channel_mults={self.channel_mults})"
+            )
         bad = [r for r in self.attention_resolutions if r not in sizes]
         if bad:
-            raise ValueError(f"attention_resolutions={self.attention_resolutions}: {bad} are not feature-map sizes "
-                             f"of this UNet; valid: {sizes}")
+            raise ValueError(
+                f"attention_resolutions={self.attention_resolutions}: {bad} are not feature-map sizes "
+                f"of this UNet; valid: {sizes}"
+            )
         for ch in {self.base_channels, *self.level_channels}:
             if ch % self.groups:
-                raise ValueError(f"{ch} channels (base_channels={self.base_channels} x channel_mults) are not "
-                                 f"divisible by groups={self.groups}")
+                raise ValueError(
+                    f"{ch} channels (base_channels={self.base_channels} x channel_mults) are not "
+                    f"divisible by groups={self.groups}"
+                )
         for r, ch in zip(sizes, self.level_channels):
-            if (r in self.attention_resolutions or (self.mid_attention and r == sizes[-1])) \
-                    and ch > self.head_dim and ch % self.head_dim:
+            if (
+                (r in self.attention_resolutions or (self.mid_attention and r == sizes[-1]))
+                and ch > self.head_dim
+                and ch % self.head_dim
+            ):
                 raise ValueError(f"{ch} channels at {r} px are not divisible by head_dim={self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
@@ -109,7 +118,7 @@ class UNetConfig:
     @property
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map size at each level, e.g. (64, 32, 16, 8)."""
-        return tuple(self.image_size // 2 ** i for i in range(len(self.channel_mults)))
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -149,12 +158,19 @@ def unet_preset(image_size: int, /, variant: str = "attention", **overrides) -> 
     """The UNetConfig for `image_size` (32, 64 or 128) and variant ("simple": no attention, or
     "attention"); any UNetConfig field can be overridden, e.g. unet_preset(32, num_classes=102)."""
     if image_size not in _PRESETS:
-        raise ValueError(f"no UNet preset for image_size={image_size!r}; valid: {PRESET_SIZES} "
-                         "(or build a UNetConfig yourself)")
+        raise ValueError(
+            f"no UNet preset for image_size={image_size!r}; valid: {PRESET_SIZES} (or build a UNetConfig yourself)"
+        )
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {VARIANTS}")
-    kwargs = dict(_PRESETS[image_size], num_res_blocks=2, attention_resolutions=(16,), mid_attention=True,
-                  head_dim=64, dropout=0.0)
+    kwargs = dict(
+        _PRESETS[image_size],
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        mid_attention=True,
+        head_dim=64,
+        dropout=0.0,
+    )
     if variant == "simple":
         kwargs.update(attention_resolutions=(), mid_attention=False)
     check_keys(overrides, {f.name for f in dataclasses.fields(UNetConfig)}, "UNetConfig overrides")
@@ -193,8 +209,9 @@ class ResBlock(nn.Module):
         if self.dropout > 0 and self.training:  # dropout sits between the SiLU and conv2: no fusion
             h = group_norm_act(h, self.norm2, scale=scale, shift=shift, act=True, fused=fused)
             return self.skip(x) + self.conv2(F.dropout(h, self.dropout, self.training))
-        return self.skip(x) + group_norm_act(h, self.norm2, scale=scale, shift=shift, act=True, conv=self.conv2,
-                                             fused=fused)
+        return self.skip(x) + group_norm_act(
+            h, self.norm2, scale=scale, shift=shift, act=True, conv=self.conv2, fused=fused
+        )
 
 
 # PyTorch's CPU kernel for F.scaled_dot_product_attention (flash attention for CPU) runs the short
@@ -328,8 +345,12 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         mid_attn = Attention(ch, head_dim=c.head_dim, groups=c.groups) if c.mid_attention else None
-        self.mid = nn.ModuleList([Stage(ResBlock(ch, ch, emb_dim, groups=c.groups, dropout=c.dropout), mid_attn),
-                                  Stage(ResBlock(ch, ch, emb_dim, groups=c.groups, dropout=c.dropout), None)])
+        self.mid = nn.ModuleList(
+            [
+                Stage(ResBlock(ch, ch, emb_dim, groups=c.groups, dropout=c.dropout), mid_attn),
+                Stage(ResBlock(ch, ch, emb_dim, groups=c.groups, dropout=c.dropout), None),
+            ]
+        )
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(c.channel_mults))):
@@ -370,14 +391,18 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
         if self.class_emb is not None:
             if y is None:
-                raise ValueError(f"this UNet is class-conditional (num_classes={self.config.num_classes}): pass labels "
-                                 f"y of shape ({B},); y = {self.null_class} (model.null_class) means 'no label'")
+                raise ValueError(
+                    f"this UNet is class-conditional (num_classes={self.config.num_classes}): pass labels "
+                    f"y of shape ({B},); y = {self.null_class} (model.null_class) means 'no label'"
+                )
             if y.shape != (B,):
                 raise ValueError(f"y must have shape ({B},), got {tuple(y.shape)}")
             emb = emb + self.class_emb(y)
         elif y is not None:
-            raise ValueError("this UNet is unconditional (num_classes=None) but labels y were passed; "
-                             "build it with num_classes=... to condition on classes")
+            raise ValueError(
+                "this UNet is unconditional (num_classes=None) but labels y were passed; "
+                "build it with num_classes=... to condition on classes"
+            )
         emb = F.silu(emb)  # every ResBlock's projection starts with SiLU: do it once here
 
         h = self.in_conv(x)

@@ -67,8 +67,9 @@ def _imshow(ax, image, title: str | None = None) -> None:
         ax.set_title(title, fontsize=9)
 
 
-def grid_figure(images: torch.Tensor, *, nrow: int | None = None, title: str | None = None,
-                size: float = 5.0) -> Figure:
+def grid_figure(
+    images: torch.Tensor, *, nrow: int | None = None, title: str | None = None, size: float = 5.0
+) -> Figure:
     """A grid of images ([-1, 1]) as one figure `size` inches wide."""
     grid = _grid_uint8(images, nrow=nrow)  # already in [0, 255]: _imshow must not map [-1, 1] again
     h, w = grid.shape[:2]
@@ -77,8 +78,9 @@ def grid_figure(images: torch.Tensor, *, nrow: int | None = None, title: str | N
     return fig
 
 
-def grids_figure(panels: dict[str, torch.Tensor], *, nrow: int | None = None, size: float = 3.5,
-                 suptitle: str | None = None) -> Figure:
+def grids_figure(
+    panels: dict[str, torch.Tensor], *, nrow: int | None = None, size: float = 3.5, suptitle: str | None = None
+) -> Figure:
     """Several grids side by side, titled by their keys (e.g. one per sampler)."""
     if not panels:
         raise ValueError("grids_figure needs at least one {title: images} panel")
@@ -135,8 +137,18 @@ def _pil():
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def bar_plot(values, *, labels=None, errors=None, title: str = "", xlabel: str = "", ylabel: str = "",
-             colors=None, size: tuple[float, float] = (7, 3.5), annotate: bool | None = None) -> Figure:
+def bar_plot(
+    values,
+    *,
+    labels=None,
+    errors=None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    colors=None,
+    size: tuple[float, float] = (7, 3.5),
+    annotate: bool | None = None,
+) -> Figure:
     """Bars for a {label: value} dict or a sequence (with `labels`); `errors` draws error bars.
     Values are written on the bars when there are few of them (annotate=None: up to 12)."""
     if isinstance(values, dict):
@@ -146,8 +158,9 @@ def bar_plot(values, *, labels=None, errors=None, title: str = "", xlabel: str =
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     bars = ax.bar(range(len(values)), values, yerr=errors, color=colors, capsize=3 if errors is not None else 0)
-    ax.set_xticks(range(len(values)), labels, rotation=0 if len(values) <= 12 else 90,
-                  fontsize=None if len(values) <= 40 else 5)
+    ax.set_xticks(
+        range(len(values)), labels, rotation=0 if len(values) <= 12 else 90, fontsize=None if len(values) <= 40 else 5
+    )
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if annotate or (annotate is None and len(values) <= 12):
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
@@ -155,8 +168,16 @@ def bar_plot(values, *, labels=None, errors=None, title: str = "", xlabel: str =
     return fig
 
 
-def line_plot(series: dict, *, title: str = "", xlabel: str = "", ylabel: str = "", logx: bool = False,
-              logy: bool = False, size: tuple[float, float] = (6, 4)) -> Figure:
+def line_plot(
+    series: dict,
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    logy: bool = False,
+    size: tuple[float, float] = (6, 4),
+) -> Figure:
     """{label: (xs, ys)} as lines with markers, e.g. FID against sampling steps per sampler."""
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
@@ -254,8 +275,14 @@ def schedule_figure(schedules, *, labels: list[str] | None = None) -> Figure:
     return fig
 
 
-def embedding_figure(embedding: torch.Tensor, *, timesteps=None, title: str = "sinusoidal timestep embedding",
-                     xlabel: str = "embedding dimension (cos half | sin half)", columns=None) -> Figure:
+def embedding_figure(
+    embedding: torch.Tensor,
+    *,
+    timesteps=None,
+    title: str = "sinusoidal timestep embedding",
+    xlabel: str = "embedding dimension (cos half | sin half)",
+    columns=None,
+) -> Figure:
     """A (num_timesteps, dim) embedding as a heatmap in [-1, 1]: one row per timestep, one column per
     dimension. `timesteps` labels the rows, `columns` the columns (e.g. timesteps for a similarity matrix)."""
     emb = embedding.detach().cpu().float().numpy()
@@ -304,7 +331,7 @@ def schedule_snapshot(schedule, image: torch.Tensor, t: int, *, seed: int = 0) -
     ax_curve.grid(True, alpha=0.3)
     _imshow(ax_clean, image, "x_0")
     abar = float(schedule.alphas_cumprod[t])
-    _imshow(ax_noisy, x_t.clamp(-1, 1), f"x_t, t={t}: signal {abar ** 0.5:.2f}, noise {(1 - abar) ** 0.5:.2f}")
+    _imshow(ax_noisy, x_t.clamp(-1, 1), f"x_t, t={t}: signal {abar**0.5:.2f}, noise {(1 - abar) ** 0.5:.2f}")
     return fig
 
 
@@ -323,8 +350,12 @@ class TrajectoryRecorder:
         self._last = None
 
     def __call__(self, i: int, t: int, x_t: torch.Tensor, x0_pred: torch.Tensor) -> None:
-        entry = (int(i), int(t), x_t[: self.keep].detach().float().cpu().clone(),
-                 x0_pred[: self.keep].detach().float().cpu().clone())
+        entry = (
+            int(i),
+            int(t),
+            x_t[: self.keep].detach().float().cpu().clone(),
+            x0_pred[: self.keep].detach().float().cpu().clone(),
+        )
         if i % self.every == 0:
             self._steps.append(entry)
         self._last = entry
@@ -361,8 +392,9 @@ class TrajectoryRecorder:
         return len(self.records)
 
 
-def denoising_strip(recorder: TrajectoryRecorder, *, index: int = 0, max_columns: int = 10,
-                    size: float = 1.5) -> Figure:
+def denoising_strip(
+    recorder: TrajectoryRecorder, *, index: int = 0, max_columns: int = 10, size: float = 1.5
+) -> Figure:
     """Top row x_t, bottom row the model's prediction of x_0, along one trajectory (image `index`)."""
     records = recorder.records
     if not records:
@@ -396,8 +428,9 @@ class GIF:
         return f"GIF({str(self.path)!r}, n_frames={self.n_frames})"
 
 
-def save_gif(frames, path, *, fps: float = 10, nrow: int | None = None, hold_last: int = 10,
-             min_width: int = 256) -> GIF:
+def save_gif(
+    frames, path, *, fps: float = 10, nrow: int | None = None, hold_last: int = 10, min_width: int = 256
+) -> GIF:
     """Frames (each (B, C, H, W) or (C, H, W) in [-1, 1]) as an animated GIF that loops.
 
     Each frame is a grid; small images are enlarged (nearest neighbour) to at least `min_width` px so
@@ -409,17 +442,18 @@ def save_gif(frames, path, *, fps: float = 10, nrow: int | None = None, hold_las
     grids = [_grid_uint8(f, nrow=nrow) for f in frames]
     scale = max(1, math.ceil(min_width / grids[0].shape[1]))
     Image = _pil()
-    images = [Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)
-              for g in grids]
+    images = [
+        Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST) for g in grids
+    ]
     images += [images[-1]] * hold_last
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0,
-                   optimize=False)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0, optimize=False)
     return GIF(path, n_frames=len(images), width=images[0].width)
 
 
 # ---------------------------------------------------------------------------------------------- training progress
+
 
 def training_frames(run_dir, *, images: int = 8, max_frames: int | None = None) -> tuple[list[int], torch.Tensor]:
     """The training-time sample grids of a run (run_dir/samples/step_*.png, all from the same start noise) cut back
@@ -444,7 +478,7 @@ def _tiles(grid: np.ndarray, size: int, count: int, padding: int = 2) -> torch.T
     tiles = []
     for i in range(min(count, per_row * ((grid.shape[0] - padding) // (size + padding)))):
         y, x = padding + (i // per_row) * (size + padding), padding + (i % per_row) * (size + padding)
-        tiles.append(torch.from_numpy(grid[y:y + size, x:x + size].copy()).permute(2, 0, 1))
+        tiles.append(torch.from_numpy(grid[y : y + size, x : x + size].copy()).permute(2, 0, 1))
     return torch.stack(tiles)
 
 
@@ -472,8 +506,9 @@ def progress_gif(run_dir, path, *, images: int = 16, fps: float = 2) -> GIF:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m ddpm.viz",
-                                description="A run's training-time sample grids as a progress montage and a GIF.")
+    p = argparse.ArgumentParser(
+        prog="python -m ddpm.viz", description="A run's training-time sample grids as a progress montage and a GIF."
+    )
     p.add_argument("run_dir", help="a run folder (its samples/step_*.png and config.json)")
     p.add_argument("--out", default=None, help="montage PNG (default RUN_DIR/progress.png)")
     p.add_argument("--gif", default=None, help="also write this GIF")
@@ -550,10 +585,24 @@ def schedule_explorer(image: torch.Tensor, make_schedule, *, seed: int = 0):
 
     name = w.Dropdown(options=["linear", "cosine", "offset_cosine"], value="cosine", description="schedule")
     T = w.IntSlider(value=1000, min=10, max=2000, step=10, description="T", continuous_update=False)
-    beta = w.FloatRangeSlider(value=(1e-4, 0.02), min=1e-5, max=0.05, step=1e-4, readout_format=".4f",
-                              description="beta range", continuous_update=False)
-    rates = w.FloatRangeSlider(value=(0.02, 0.95), min=0.001, max=0.999, step=0.001, readout_format=".3f",
-                               description="signal rate", continuous_update=False)
+    beta = w.FloatRangeSlider(
+        value=(1e-4, 0.02),
+        min=1e-5,
+        max=0.05,
+        step=1e-4,
+        readout_format=".4f",
+        description="beta range",
+        continuous_update=False,
+    )
+    rates = w.FloatRangeSlider(
+        value=(0.02, 0.95),
+        min=0.001,
+        max=0.999,
+        step=0.001,
+        readout_format=".3f",
+        description="signal rate",
+        continuous_update=False,
+    )
     t = w.IntSlider(value=500, min=0, max=999, description="t", continuous_update=False)
     out = w.Output()
 
@@ -583,10 +632,15 @@ def schedule_explorer(image: torch.Tensor, make_schedule, *, seed: int = 0):
 # Slider range, step and readout format of each schedule parameter (ddpm.schedules' names); others get a
 # range around their default.
 SCHEDULE_SLIDERS = {
-    "beta_start": (1e-5, 0.01, 1e-5, ".5f"), "beta_end": (1e-3, 0.05, 1e-4, ".4f"),
-    "s": (0.0, 0.1, 0.001, ".3f"), "max_beta": (0.9, 0.9999, 1e-4, ".4f"),
-    "max_signal_rate": (0.5, 0.999, 0.001, ".3f"), "min_signal_rate": (0.001, 0.5, 0.001, ".3f"),
-    "start": (-10.0, 0.0, 0.1, ".1f"), "end": (0.0, 10.0, 0.1, ".1f"), "tau": (0.1, 3.0, 0.05, ".2f"),
+    "beta_start": (1e-5, 0.01, 1e-5, ".5f"),
+    "beta_end": (1e-3, 0.05, 1e-4, ".4f"),
+    "s": (0.0, 0.1, 0.001, ".3f"),
+    "max_beta": (0.9, 0.9999, 1e-4, ".4f"),
+    "max_signal_rate": (0.5, 0.999, 0.001, ".3f"),
+    "min_signal_rate": (0.001, 0.5, 0.001, ".3f"),
+    "start": (-10.0, 0.0, 0.1, ".1f"),
+    "end": (0.0, 10.0, 0.1, ".1f"),
+    "tau": (0.1, 3.0, 0.05, ".2f"),
 }
 
 
@@ -603,8 +657,9 @@ def schedule_sliders(image: torch.Tensor, make_schedule, defaults: dict, *, valu
     sliders = {}
     for p, v in params.items():
         lo, hi, step, fmt = SCHEDULE_SLIDERS.get(p, (min(0.0, 2 * v), max(1.0, 2 * v), 0.01, ".2f"))
-        sliders[p] = w.FloatSlider(value=v, min=lo, max=hi, step=step, readout_format=fmt, description=p,
-                                   continuous_update=False)
+        sliders[p] = w.FloatSlider(
+            value=v, min=lo, max=hi, step=step, readout_format=fmt, description=p, continuous_update=False
+        )
     name = w.Dropdown(options=names, value=value if value in names else names[0], description="schedule")
     T = w.IntSlider(value=1000, min=10, max=2000, step=10, description="T", continuous_update=False)
     t = w.IntSlider(value=500, min=0, max=999, description="t", continuous_update=False)
@@ -625,7 +680,7 @@ def schedule_sliders(image: torch.Tensor, make_schedule, defaults: dict, *, valu
     for widget in (name, T, t, *sliders.values()):
         widget.observe(redraw, names="value")
     redraw()
-    rows = [w.HBox(list(sliders.values())[i:i + 3]) for i in range(0, len(sliders), 3)]
+    rows = [w.HBox(list(sliders.values())[i : i + 3]) for i in range(0, len(sliders), 3)]
     return w.VBox([w.HBox([name, T]), *rows, t, out])
 
 
@@ -643,8 +698,18 @@ class GeneratePanel:
     panel.figure(...) generates without widgets and returns the grid figure (the static fallback).
     """
 
-    def __init__(self, checkpoints: dict, *, load, generate, methods=("ddim", "dpmpp_2m_sde", "dpmpp_2m", "ddpm"),
-                 steps: int | None = None, n: int = 16, seed: int = 0, save_dir="generated"):
+    def __init__(
+        self,
+        checkpoints: dict,
+        *,
+        load,
+        generate,
+        methods=("ddim", "dpmpp_2m_sde", "dpmpp_2m", "ddpm"),
+        steps: int | None = None,
+        n: int = 16,
+        seed: int = 0,
+        save_dir="generated",
+    ):
         if not checkpoints:
             raise ValueError("GeneratePanel needs at least one checkpoint ({name: path}); train one first")
         self.checkpoints, self.load, self.generate = dict(checkpoints), load, generate
@@ -659,24 +724,41 @@ class GeneratePanel:
             self._models[name] = self.load(self.checkpoints[name])
         return self._models[name]
 
-    def images(self, name: str | None = None, *, method: str | None = None, steps: int | None = None,
-               seed: int | None = None, n: int | None = None, class_label: int | None = None,
-               guidance_scale: float = 1.0, progress=None) -> tuple[torch.Tensor, dict]:
+    def images(
+        self,
+        name: str | None = None,
+        *,
+        method: str | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        n: int | None = None,
+        class_label: int | None = None,
+        guidance_scale: float = 1.0,
+        progress=None,
+    ) -> tuple[torch.Tensor, dict]:
         """Generate and return (images, settings); the settings name the Save folder and title the grid."""
         name = name or next(iter(self.checkpoints))
         model, schedule, config = self.model(name)
         default_method, default_steps = self.default_sampler(name)
         method, steps = method or default_method, steps or default_steps
-        kwargs = {"n": n or self.n, "method": method, "steps": min(steps, schedule.timesteps),
-                  "seed": self.seed if seed is None else seed, "progress": False}
+        kwargs = {
+            "n": n or self.n,
+            "method": method,
+            "steps": min(steps, schedule.timesteps),
+            "seed": self.seed if seed is None else seed,
+            "progress": False,
+        }
         if config.model.num_classes is not None:
             kwargs.update(class_label=class_label, guidance_scale=guidance_scale)
         if progress is not None and "callback" in inspect.signature(self.generate).parameters:
             kwargs["callback"] = progress
         start = time.perf_counter()
         images = self.generate(model, schedule, config, **kwargs)
-        settings = {"model": name, **{k: v for k, v in kwargs.items() if k not in ("progress", "callback")},
-                    "seconds": time.perf_counter() - start}
+        settings = {
+            "model": name,
+            **{k: v for k, v in kwargs.items() if k not in ("progress", "callback")},
+            "seconds": time.perf_counter() - start,
+        }
         self.last = (images, settings)
         return images, settings
 
@@ -684,8 +766,10 @@ class GeneratePanel:
         """Generate (as images()) and return the grid figure: what the button shows."""
         images, s = self.images(name, **options)
         label = f", class {s['class_label']}, guidance {s['guidance_scale']:g}" if "class_label" in s else ""
-        return grid_figure(images, title=f"{s['model']}: {s['method']}, {s['steps']} steps, seed {s['seed']}"
-                                         f"{label} ({s['seconds']:.1f} s)")
+        return grid_figure(
+            images,
+            title=f"{s['model']}: {s['method']}, {s['steps']} steps, seed {s['seed']}{label} ({s['seconds']:.1f} s)",
+        )
 
     def save(self) -> tuple[Path, Path]:
         """Write the last generated images: save_dir/SETTINGS/grid.png, 000.png, ..., and SETTINGS.zip beside it."""
@@ -719,17 +803,20 @@ class GeneratePanel:
     def _controls(self) -> dict:
         import ipywidgets as w
 
-        return {"pick": w.Dropdown(options=list(self.checkpoints), description="model"),
-                "method": w.Dropdown(options=list(self.methods), description="sampler"),
-                "steps": w.IntSlider(value=self.steps or 20, min=1, max=1000, description="steps"),
-                "seed": w.IntText(value=self.seed, description="seed"),
-                "n": w.IntSlider(value=self.n, min=1, max=256, description="images"),
-                "label": w.Dropdown(options=[("(none)", 0)], description="class"),
-                "guidance": w.FloatSlider(value=1.0, min=0.0, max=10.0, step=0.5, description="guidance"),
-                "button": w.Button(description="Generate", button_style="primary"),
-                "save": w.Button(description="Save", disabled=True),
-                "bar": w.IntProgress(value=0, min=0, max=1, description="progress"),
-                "out": w.Output(), "files": w.Output()}
+        return {
+            "pick": w.Dropdown(options=list(self.checkpoints), description="model"),
+            "method": w.Dropdown(options=list(self.methods), description="sampler"),
+            "steps": w.IntSlider(value=self.steps or 20, min=1, max=1000, description="steps"),
+            "seed": w.IntText(value=self.seed, description="seed"),
+            "n": w.IntSlider(value=self.n, min=1, max=256, description="images"),
+            "label": w.Dropdown(options=[("(none)", 0)], description="class"),
+            "guidance": w.FloatSlider(value=1.0, min=0.0, max=10.0, step=0.5, description="guidance"),
+            "button": w.Button(description="Generate", button_style="primary"),
+            "save": w.Button(description="Save", disabled=True),
+            "bar": w.IntProgress(value=0, min=0, max=1, description="progress"),
+            "out": w.Output(),
+            "files": w.Output(),
+        }
 
     def _build(self):
         import ipywidgets as w
@@ -739,9 +826,17 @@ class GeneratePanel:
         c["button"].on_click(lambda _: self._on_generate(c))
         c["save"].on_click(lambda _: self._on_save(c))
         self._on_pick(c)
-        box = w.VBox([w.HBox([c["pick"], c["method"]]), w.HBox([c["steps"], c["seed"]]), w.HBox([c["n"]]),
-                      w.HBox([c["label"], c["guidance"]]), w.HBox([c["button"], c["bar"], c["save"]]),
-                      c["out"], c["files"]])
+        box = w.VBox(
+            [
+                w.HBox([c["pick"], c["method"]]),
+                w.HBox([c["steps"], c["seed"]]),
+                w.HBox([c["n"]]),
+                w.HBox([c["label"], c["guidance"]]),
+                w.HBox([c["button"], c["bar"], c["save"]]),
+                c["out"],
+                c["files"],
+            ]
+        )
         box.controls = c  # for tests and for users who want to drive the panel from code
         return box
 
@@ -759,10 +854,18 @@ class GeneratePanel:
 
         def progress(i, *args):
             c["bar"].value = i + 1
+
         try:
-            fig = self.figure(c["pick"].value, method=c["method"].value, steps=c["steps"].value,
-                              seed=c["seed"].value, n=c["n"].value, guidance_scale=c["guidance"].value,
-                              class_label=None if c["label"].disabled else c["label"].value, progress=progress)
+            fig = self.figure(
+                c["pick"].value,
+                method=c["method"].value,
+                steps=c["steps"].value,
+                seed=c["seed"].value,
+                n=c["n"].value,
+                guidance_scale=c["guidance"].value,
+                class_label=None if c["label"].disabled else c["label"].value,
+                progress=progress,
+            )
             c["bar"].value = c["bar"].max
             c["save"].disabled = False
             with c["out"]:

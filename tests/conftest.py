@@ -22,6 +22,8 @@ def flowers_root() -> Path:
     root = shared_flowers_root()
     base = root / "flowers-102"
     if not ((base / "jpg").is_dir() and (base / "imagelabels.mat").is_file() and (base / "setid.mat").is_file()):
-        pytest.skip(f"shared Flowers102 copy not found at {root} (set DDPM_SHARED_DATA to a folder holding "
-                    "flowers-102/jpg, imagelabels.mat and setid.mat)")
+        pytest.skip(
+            f"shared Flowers102 copy not found at {root} (set DDPM_SHARED_DATA to a folder holding "
+            "flowers-102/jpg, imagelabels.mat and setid.mat)"
+        )
     return root

@@ -22,8 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def start_benchmark(script: str, *args: str, env: dict | None = None, timeout: int = 300):
     """The finished process of benchmarks/<script> with these arguments, whatever its exit status."""
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], check=False,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def run_benchmark(script: str, *args: str, env: dict | None = None, timeout: int = 300):
@@ -34,8 +40,9 @@ def run_benchmark(script: str, *args: str, env: dict | None = None, timeout: int
 
 
 def test_train_throughput_quick(monkeypatch):
-    proc, result = run_benchmark("train_throughput.py", "--quick", "--threads", "1", "--precision", "bf16",
-                                 "--profile", "--conv-shapes")
+    proc, result = run_benchmark(
+        "train_throughput.py", "--quick", "--threads", "1", "--precision", "bf16", "--profile", "--conv-shapes"
+    )
     assert result["benchmark"] == "train_throughput" and result["quick"]
     (r,) = result["results"]
     assert r["image_size"] == 32 and r["precision"] == "bf16"
@@ -49,6 +56,7 @@ def test_train_throughput_quick(monkeypatch):
     # every conv of the model's forward, each run once, found inside the fused norm-conv nodes too
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from train_throughput import QUICK_OVERRIDES
+
     quick = UNet(unet_preset(32, **QUICK_OVERRIDES))
     shapes = r["conv_shapes"]
     assert sum(x["count"] for x in shapes) == sum(isinstance(m, torch.nn.Conv2d) for m in quick.modules())
@@ -56,8 +64,11 @@ def test_train_throughput_quick(monkeypatch):
     assert {(x["kernel"], x["stride"]) for x in shapes} == {(3, 1), (3, 2), (1, 1)}
     assert "each distinct conv alone" in proc.stdout
     # and each conv's three passes timed one at a time, the same FLOPs each
-    assert all(set(x["pass_ms"]) == {"forward", "backward_data", "backward_weight"}
-               and all(ms > 0 for ms in x["pass_ms"].values()) for x in shapes)
+    assert all(
+        set(x["pass_ms"]) == {"forward", "backward_data", "backward_weight"}
+        and all(ms > 0 for ms in x["pass_ms"].values())
+        for x in shapes
+    )
     assert all(abs(x["pass_gflop"] * 3 - x["total_gflop"] / x["count"]) < 1e-9 for x in shapes)
     assert "by pass, all convs: forward" in proc.stdout
 
@@ -66,6 +77,7 @@ def test_profile_step_times_ops_and_the_python_between_them(monkeypatch):
     """On a CPU, time spent outside ATen ops (here a sleep) is its own kind, not spread over the ops."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from train_throughput import profile_step
+
     conv, x = torch.nn.Conv2d(8, 8, 3, padding=1), torch.randn(4, 8, 32, 32)
 
     def step():
@@ -90,8 +102,9 @@ def test_samplers_quick():
 
 
 def test_data_loader_quick(flowers_root):
-    proc, result = run_benchmark("data_loader.py", "--quick", "--image-size", "32", "--batch-size", "16",
-                                 env={"DATA_ROOT": str(flowers_root)})
+    proc, result = run_benchmark(
+        "data_loader.py", "--quick", "--image-size", "32", "--batch-size", "16", env={"DATA_ROOT": str(flowers_root)}
+    )
     assert result["benchmark"] == "data_loader" and result["source"] == "flowers102"
     assert result["n_images"] == len(list((flowers_root / "flowers-102" / "jpg").glob("*.jpg")))
     assert result["decode_images_per_s"] > 0 and result["stream_images_per_s"] > 0
@@ -108,23 +121,45 @@ def test_fid_quick(flowers_root):
 
 def test_quality_budget_quick_then_rescore(flowers_root, tmp_path):
     out = tmp_path / "run"
-    proc, result = run_benchmark("quality_budget.py", "--quick", "--data-root", str(flowers_root), "--out", str(out),
-                                 "--samplers", "ddim:20,dpmpp_2m_sde:10")
+    proc, result = run_benchmark(
+        "quality_budget.py",
+        "--quick",
+        "--data-root",
+        str(flowers_root),
+        "--out",
+        str(out),
+        "--samplers",
+        "ddim:20,dpmpp_2m_sde:10",
+    )
     assert result["benchmark"] == "quality_budget" and result["checkpoint"] is None
     assert result["steps"] > 0 and result["steps"] % 10 == 0 and result["cpu_minutes"] >= 0.2
     assert result["num_real"] == 64 and result["num_generated"] == 32
-    assert [(r["method"], r["nfe"], r["weights"]) for r in result["results"]] == [("ddim", 20, "ema"),
-                                                                                 ("dpmpp_2m_sde", 10, "ema")]
+    assert [(r["method"], r["nfe"], r["weights"]) for r in result["results"]] == [
+        ("ddim", 20, "ema"),
+        ("dpmpp_2m_sde", 10, "ema"),
+    ]
     assert all(r["fid"] > 0 for r in result["results"])
     assert (out / "samples_ddim_20_trailing_seed0.png").is_file() and (out / "latest.pt").is_file()
     # the same folder again would overwrite a run: refused, with a pointer to --checkpoint
-    again = start_benchmark("quality_budget.py", "--quick", "--data-root", str(flowers_root), "--out", str(out),
-                            timeout=120)
+    again = start_benchmark(
+        "quality_budget.py", "--quick", "--data-root", str(flowers_root), "--out", str(out), timeout=120
+    )
     assert again.returncode != 0 and "--checkpoint" in again.stderr
     # scored again from the checkpoint, with the live weights: no training, its own grid
-    proc, rescored = run_benchmark("quality_budget.py", "--quick", "--data-root", str(flowers_root),
-                                   "--checkpoint", str(out), "--out", str(tmp_path / "live"), "--weights", "live",
-                                   "--samplers", "ddim:20")
+    proc, rescored = run_benchmark(
+        "quality_budget.py",
+        "--quick",
+        "--data-root",
+        str(flowers_root),
+        "--checkpoint",
+        str(out),
+        "--out",
+        str(tmp_path / "live"),
+        "--weights",
+        "live",
+        "--samplers",
+        "ddim:20",
+    )
     assert rescored["checkpoint"] == str(out) and rescored["steps"] == result["steps"]
     assert rescored["results"][0]["weights"] == "live" and "live weights" in proc.stdout
     assert (tmp_path / "live" / "samples_ddim_20_trailing_seed0_live.png").is_file()
@@ -133,9 +168,20 @@ def test_quality_budget_quick_then_rescore(flowers_root, tmp_path):
 
 
 def test_quality_budget_trains_the_preset_it_is_given(flowers_root, tmp_path):
-    proc, result = run_benchmark("quality_budget.py", "--quick", "--preset", "flowers64", "train.seed=3",
-                                 "--data-root", str(flowers_root), "--out", str(tmp_path / "f64"), "--samplers",
-                                 "ddim:5", "diffusion.prediction_type=v_prediction")  # overrides before and after
+    proc, result = run_benchmark(
+        "quality_budget.py",
+        "--quick",
+        "--preset",
+        "flowers64",
+        "train.seed=3",
+        "--data-root",
+        str(flowers_root),
+        "--out",
+        str(tmp_path / "f64"),
+        "--samplers",
+        "ddim:5",
+        "diffusion.prediction_type=v_prediction",
+    )  # overrides before and after
     assert result["preset"] == "flowers64" and "training flowers64" in proc.stdout
     cfg = result["config"]
     assert cfg["model"]["image_size"] == cfg["data"]["image_size"] == 64 and cfg["data"]["source"] == "flowers102"
@@ -155,8 +201,14 @@ def test_alternatives_quick():
     others = [r for r in rows if not r["variant"].endswith("(the model)")]
     # one model row per shape (two skip convs, three norm widths each), then at least one alternative
     count = {name: sum(r["comparison"] == name for r in models) for name in {r["comparison"] for r in rows}}
-    assert count == {"weight_grad": 1, "skip_linear": 2, "norm_affine": 1, "norm_chunks": 3, "compiled_norm": 3,
-                     "save_silu": 1}
+    assert count == {
+        "weight_grad": 1,
+        "skip_linear": 2,
+        "norm_affine": 1,
+        "norm_chunks": 3,
+        "compiled_norm": 3,
+        "save_silu": 1,
+    }
     assert all(r["saved_mb"] > 0 for r in rows if r["comparison"] == "save_silu")
     assert all(rows[i + 1] in others for i, r in enumerate(rows) if r in models)
     assert all(r["rel_error"] is None and r["speed_vs_model"] is None for r in models)
@@ -174,6 +226,7 @@ def test_alternatives_rejects_an_unknown_comparison():
 def test_alternatives_refuse_to_time_a_variant_that_computes_something_else(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from alternatives import compare
+
     x = torch.randn(64)
     timing = {"steps": 1, "warmup": 0}
     rows = compare("demo", x.shape, {"x * 2": lambda: x * 2, "x + x": lambda: x + x}, torch.device("cpu"), timing)
@@ -199,13 +252,23 @@ def test_peers_time_any_network_with_the_step_ours_is_timed_with(monkeypatch):
         def counted():
             stepped.append(1)
             step()
+
         return counted
 
     monkeypatch.setattr(peers, "training_step", counting_step)
     monkeypatch.setattr(peers, "build", lambda peer, size: UNet(unet_preset(size, **QUICK_OVERRIDES)))
     monkeypatch.setattr(peers, "version", lambda package: "0.test")
-    args = argparse.Namespace(peer="diffusers", size=32, device="cpu", malloc="system", precision="bf16",
-                              channels_last="on", batch_size=2, steps=2, warmup=1)
+    args = argparse.Namespace(
+        peer="diffusers",
+        size=32,
+        device="cpu",
+        malloc="system",
+        precision="bf16",
+        channels_last="on",
+        batch_size=2,
+        steps=2,
+        warmup=1,
+    )
     r = peers.run_config(args)
     assert len(stepped) == 1 + 2  # the first step, reported apart, then the timed ones (warmup 1 is that first)
     assert r["peer"] == "diffusers" and r["version"] == "0.test" and r["channels_last"] and r["batch_size"] == 2
@@ -215,5 +278,6 @@ def test_peers_time_any_network_with_the_step_ours_is_timed_with(monkeypatch):
 
     def missing(peer, size):
         raise ImportError("No module named 'diffusers'")
+
     monkeypatch.setattr(peers, "build", missing)
     assert peers.run_config(args) == {"peer": "diffusers", "missing": "No module named 'diffusers'"}

@@ -17,8 +17,15 @@ def _state(value: float = 1.0) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
-    return {"step": 7, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": {"model": {"a": (1, 2)}},
-            "rng": ckpt.capture_rng_state(), "scaler": None, "version": ckpt.package_version()}
+    return {
+        "step": 7,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "config": {"model": {"a": (1, 2)}},
+        "rng": ckpt.capture_rng_state(),
+        "scaler": None,
+        "version": ckpt.package_version(),
+    }
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -136,6 +143,7 @@ def test_find_latest_prefers_a_newer_step_file_than_latest(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- errors users see
 
+
 def test_missing_checkpoints_are_checkpoint_errors_and_file_not_found(tmp_path):
     for path in (tmp_path / "nope.pt", tmp_path):  # a file that is not there; a folder without checkpoints
         with pytest.raises(ckpt.CheckpointNotFoundError) as err:
@@ -160,8 +168,11 @@ def test_run_state_checks_name_what_is_missing():
     from ddpm.config import preset
 
     config = preset("quick", **{"image_size": 16, "model.channel_mults": (1, 2)}).to_dict()
-    with pytest.raises(ckpt.CheckpointError, match=r"x.pt is not a ddpm checkpoint: it has no 'config', 'model', "
-                                                   r"'ema' \(its keys: weight\)"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"x.pt is not a ddpm checkpoint: it has no 'config', 'model', "
+        r"'ema' \(its keys: weight\)",
+    ):
         ckpt.check_run_state({"weight": torch.zeros(1)}, "x.pt")
     export = {"weights": "ema", "config": config, "model": {}}
     assert ckpt.check_run_state(export, "e.pt").model.image_size == 16  # an export can be sampled from
@@ -175,17 +186,21 @@ def test_read_run_config_refuses_weights_of_another_architecture(tmp_path):
     from ddpm.config import preset
     from ddpm.unet import UNet
 
-    config = preset("quick", **{"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2),
-                                "model.groups": 8})
+    config = preset(
+        "quick", **{"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8}
+    )
     weights = UNet(config.model).state_dict()
     state = {"step": 3, "config": config.to_dict(), "model": weights, "ema": {"shadow": weights}, "optimizer": {}}
     ckpt.save_run_checkpoint(tmp_path, state, step=3)
     assert ckpt.read_run_config(tmp_path) == config
     state["config"]["model"]["base_channels"] = 32
     ckpt.save_run_checkpoint(tmp_path, state, step=4)
-    with pytest.raises(ckpt.CheckpointError, match=r"model weights in .*latest.pt do not fit the model its config "
-                                                   r"describes.*: \S+ is \(16.*\), the model has \(32.* "
-                                                   r"\(and \d+ more\)"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"model weights in .*latest.pt do not fit the model its config "
+        r"describes.*: \S+ is \(16.*\), the model has \(32.* "
+        r"\(and \d+ more\)",
+    ):
         ckpt.read_run_config(tmp_path)
 
 
@@ -225,6 +240,7 @@ def test_a_failed_save_names_the_file_and_keeps_the_previous_checkpoint(tmp_path
 
 # ---------------------------------------------------------------------------------------------- the run lock
 
+
 def _dead_pid() -> int:
     import subprocess
     import sys
@@ -244,8 +260,11 @@ def test_the_lock_refuses_a_live_run_and_is_released(tmp_path):
     record = json.loads((run / ".lock").read_text())
     assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
     # another process asking for it is refused, naming this one
-    other = subprocess.run([sys.executable, "-c", "import sys; from ddpm.checkpoint import RunLock; "
-                            f"RunLock({str(run)!r}).acquire()"], capture_output=True, text=True)
+    other = subprocess.run(
+        [sys.executable, "-c", f"import sys; from ddpm.checkpoint import RunLock; RunLock({str(run)!r}).acquire()"],
+        capture_output=True,
+        text=True,
+    )
     assert other.returncode != 0
     assert f"in use by another run (pid {os.getpid()} on {socket.gethostname()}" in other.stderr
     lock.release()
@@ -270,18 +289,28 @@ def test_a_stale_lock_is_taken_over_and_leftover_temp_files_cleared(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp"]  # an existing folder is never removed
 
 
-@pytest.mark.parametrize("holder, stale", [
-    ({"pid": "dead"}, True),
-    ({"started": "another start time"}, True),      # the pid lives, but it is another process now (pid reuse)
-    ({"boot": "another boot"}, True),               # the machine rebooted since
-    ({"host": "elsewhere"}, False),                 # cannot be judged from here: refused, with what to do
-    ({}, False),                                    # this very process's pid on this host: alive
-], ids=["dead pid", "pid reused", "rebooted", "another host", "alive"])
+@pytest.mark.parametrize(
+    "holder, stale",
+    [
+        ({"pid": "dead"}, True),
+        ({"started": "another start time"}, True),  # the pid lives, but it is another process now (pid reuse)
+        ({"boot": "another boot"}, True),  # the machine rebooted since
+        ({"host": "elsewhere"}, False),  # cannot be judged from here: refused, with what to do
+        ({}, False),  # this very process's pid on this host: alive
+    ],
+    ids=["dead pid", "pid reused", "rebooted", "another host", "alive"],
+)
 def test_which_locks_are_stale(tmp_path, holder, stale):
     import os
 
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": ckpt._process_start(os.getpid()),
-              "boot": ckpt._boot_id(), "time": 0, "token": "x"}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": ckpt._process_start(os.getpid()),
+        "boot": ckpt._boot_id(),
+        "time": 0,
+        "token": "x",
+    }
     record.update(holder)
     if record["pid"] == "dead":
         record["pid"] = _dead_pid()

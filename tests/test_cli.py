@@ -28,12 +28,34 @@ from ddpm.device import mps_available
 
 REPO = Path(__file__).resolve().parents[1]
 # A 16 px, ~60k-parameter UNet (as tests/test_train.py's tiny()): a step takes milliseconds.
-TINY = ["--preset", "quick", "--image_size", "16", "--model.base_channels", "16", "--model.channel_mults", "1,2",
-        "--model.groups", "8", "--batch_size", "8", "--max-steps", "2", "--warmup_steps", "1", "--log_every", "1",
-        "--sample_every", "0", "--checkpoint_every", "2", "--no-progress"]
+TINY = [
+    "--preset",
+    "quick",
+    "--image_size",
+    "16",
+    "--model.base_channels",
+    "16",
+    "--model.channel_mults",
+    "1,2",
+    "--model.groups",
+    "8",
+    "--batch_size",
+    "8",
+    "--max-steps",
+    "2",
+    "--warmup_steps",
+    "1",
+    "--log_every",
+    "1",
+    "--sample_every",
+    "0",
+    "--checkpoint_every",
+    "2",
+    "--no-progress",
+]
 UNAVAILABLE_DEVICE = "cuda" if not torch.cuda.is_available() else ("mps" if not mps_available() else None)
 
-RUNNER = textwrap.dedent('''
+RUNNER = textwrap.dedent("""
     import atexit, json, os, runpy, sys, traceback
     import matplotlib
     matplotlib.use("Agg")
@@ -75,7 +97,7 @@ RUNNER = textwrap.dedent('''
             child(case)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
-''')
+""")
 
 
 @dataclass
@@ -89,8 +111,12 @@ class Result:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "default",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,21 +126,35 @@ def cli(tmp_path_factory):
     runner = None
     if hasattr(os, "fork") and sys.platform.startswith("linux"):
         (tmp / "runner.py").write_text(RUNNER)
-        runner = subprocess.Popen([sys.executable, str(tmp / "runner.py")], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+        runner = subprocess.Popen(
+            [sys.executable, str(tmp / "runner.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=REPO,
+        )
     counter = iter(range(10**6))
 
     def run(module: str, *argv, cwd=REPO, offline: bool = False) -> Result:
         argv = [str(a) for a in argv]
         if runner is None:
             assert not offline, "offline cases need the forking runner"
-            done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
-                                  env=_env(), cwd=cwd, timeout=300)
+            done = subprocess.run(
+                [sys.executable, "-m", module, *argv], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=300
+            )
             return Result(done.returncode, done.stdout, done.stderr)
         n = next(counter)
         out, err = tmp / f"{n}.out", tmp / f"{n}.err"
-        case = {"module": module, "argv": argv, "cwd": str(cwd), "env": {}, "offline": offline,
-                "stdout": str(out), "stderr": str(err)}
+        case = {
+            "module": module,
+            "argv": argv,
+            "cwd": str(cwd),
+            "env": {},
+            "offline": offline,
+            "stdout": str(out),
+            "stderr": str(err),
+        }
         runner.stdin.write(json.dumps(case) + "\n")
         runner.stdin.flush()
         reply = json.loads(runner.stdout.readline())
@@ -138,8 +178,11 @@ def snapshot(folder: Path) -> dict | None:
     """Every file under `folder` with its content hash (None: no folder): what "nothing changed" compares."""
     if not folder.exists():
         return None
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _photos(root: Path, n: int = 24) -> Path:
@@ -155,13 +198,28 @@ def _photos(root: Path, n: int = 24) -> Path:
 def place(tmp_path_factory, cli):
     """The module's folders: clean photos, an empty folder, a file, and a good run trained 2 steps on the photos."""
     tmp = tmp_path_factory.mktemp("places")
-    places = {"tmp": tmp, "photos": _photos(tmp / "photos"), "empty": tmp / "empty", "afile": tmp / "afile",
-              "cache": tmp / "cache", "good": tmp / "good", "nodata": tmp / "nodata"}
+    places = {
+        "tmp": tmp,
+        "photos": _photos(tmp / "photos"),
+        "empty": tmp / "empty",
+        "afile": tmp / "afile",
+        "cache": tmp / "cache",
+        "good": tmp / "good",
+        "nodata": tmp / "nodata",
+    }
     places["empty"].mkdir()
     places["nodata"].mkdir()  # a Flowers102 download is tried there (and fails offline); `empty` stays empty
     places["afile"].write_text("a file where a folder is expected")
-    done = cli("ddpm.train", *TINY, "--data.cache_dir", places["cache"], "--data-root", places["photos"],
-               "--out", places["good"])
+    done = cli(
+        "ddpm.train",
+        *TINY,
+        "--data.cache_dir",
+        places["cache"],
+        "--data-root",
+        places["photos"],
+        "--out",
+        places["good"],
+    )
     assert done.rc == 0, done.err
     places["good_snapshot"] = snapshot(places["good"])
     return places
@@ -176,31 +234,54 @@ def _fill(argv, place, **extra) -> list[str]:
 
 NEW_RUN_CASES = [  # each with a fresh --out that must still not exist afterwards
     ("missing data folder", [*TINY, "--data-root", "{tmp}/no_such_folder"], "data folder"),
-    ("empty data folder, folder source", [*TINY, "--data-root", "{empty}", "--data.source", "folder"],
-     "no images (.jpg, .jpeg, .png, .webp) found under"),
-    ("empty data folder, folder preset", ["--preset", "folder32", "--data-root", "{empty}"],
-     "and no flowers-102/ in it"),
+    (
+        "empty data folder, folder source",
+        [*TINY, "--data-root", "{empty}", "--data.source", "folder"],
+        "no images (.jpg, .jpeg, .png, .webp) found under",
+    ),
+    (
+        "empty data folder, folder preset",
+        ["--preset", "folder32", "--data-root", "{empty}"],
+        "and no flowers-102/ in it",
+    ),
     ("data root is a file", [*TINY, "--data-root", "{afile}"], "is a file, not a folder"),
     ("unknown preset", ["--preset", "nope"], "invalid choice: 'nope'"),
     ("no preset", ["--data-root", "{photos}"], "--preset is required for a new run"),
     ("unknown override key", [*TINY, "--data-root", "{photos}", "--lrr", "1"], "unknown option --lrr"),
-    ("override value of the wrong type", [*TINY, "--data-root", "{photos}", "--lr", "fast"],
-     "--train.lr 'fast': expected float"),
+    (
+        "override value of the wrong type",
+        [*TINY, "--data-root", "{photos}", "--lr", "fast"],
+        "--train.lr 'fast': expected float",
+    ),
     ("override without a value", [*TINY, "--data-root", "{photos}", "--lr"], "--lr needs a value"),
-    ("image size the UNet cannot take", ["--preset", "quick", "--image_size", "30", "--data-root", "{photos}"],
-     "image_size=30 must be divisible"),
+    (
+        "image size the UNet cannot take",
+        ["--preset", "quick", "--image_size", "30", "--data-root", "{photos}"],
+        "image_size=30 must be divisible",
+    ),
     ("batch that does not split", [*TINY, "--data-root", "{photos}", "--grad_accum", "3"], "must divide evenly"),
-    ("labels a folder does not have", [*TINY, "--data-root", "{photos}", "--train.conditional", "true"],
-     "needs class labels"),
-    ("batch larger than the data", [*TINY, "--data-root", "{photos}", "--batch_size", "64"],
-     "batch_size=64 is larger than rank 0's shard of 24 images"),
+    (
+        "labels a folder does not have",
+        [*TINY, "--data-root", "{photos}", "--train.conditional", "true"],
+        "needs class labels",
+    ),
+    (
+        "batch larger than the data",
+        [*TINY, "--data-root", "{photos}", "--batch_size", "64"],
+        "batch_size=64 is larger than rank 0's shard of 24 images",
+    ),
     ("unwritable --out", [*TINY, "--data-root", "{photos}", "--out", "{afile}/run"], "cannot write to the run folder"),
     ("resume in a folder without checkpoints", ["--resume", "--out", "{empty}"], "holds no checkpoint"),
     ("flowers102 absent and no network", [*TINY, "--data-root", "{nodata}"], "download failed"),
 ]
 if UNAVAILABLE_DEVICE:
-    NEW_RUN_CASES.append(("device not there", [*TINY, "--data-root", "{photos}", "--train.device", UNAVAILABLE_DEVICE],
-                          f"--train.device {UNAVAILABLE_DEVICE}:"))
+    NEW_RUN_CASES.append(
+        (
+            "device not there",
+            [*TINY, "--data-root", "{photos}", "--train.device", UNAVAILABLE_DEVICE],
+            f"--train.device {UNAVAILABLE_DEVICE}:",
+        )
+    )
 
 
 @pytest.mark.parametrize("argv, match", [c[1:] for c in NEW_RUN_CASES], ids=[c[0] for c in NEW_RUN_CASES])
@@ -218,10 +299,16 @@ def test_train_refuses_bad_input_in_one_line(cli, place, argv, match, request):
 
 
 GOOD_RUN_CASES = [  # aimed at the good run's folder, which must not change at all
-    ("a new run on an old run's folder", [*TINY, "--data-root", "{photos}"],
-     "already holds checkpoints; pass --resume"),
-    ("resume with another architecture", ["--resume", "--model.base_channels", "32"],
-     "different model config: checkpoint has base_channels=16, this run has 32"),
+    (
+        "a new run on an old run's folder",
+        [*TINY, "--data-root", "{photos}"],
+        "already holds checkpoints; pass --resume",
+    ),
+    (
+        "resume with another architecture",
+        ["--resume", "--model.base_channels", "32"],
+        "different model config: checkpoint has base_channels=16, this run has 32",
+    ),
     ("resume with a data folder that is not there", ["--resume", "--data-root", "{tmp}/moved"], "does not exist"),
 ]
 
@@ -246,14 +333,21 @@ def bad_checkpoints(place) -> dict[str, bytes]:
     state = torch.load(good / "step_0000002.pt", weights_only=True)
     state["config"]["model"]["base_channels"] = 32  # weights of one architecture under another's config
     torch.save(state, tmp / "arch.pt")
-    return {"truncated": data[: len(data) // 2], "garbage": b"\x00garbage" * 100,
-            "pickle": (tmp / "pickle.pt").read_bytes(), "foreign": (tmp / "foreign.pt").read_bytes(),
-            "export": (tmp / "export.pt").read_bytes(), "arch": (tmp / "arch.pt").read_bytes()}
+    return {
+        "truncated": data[: len(data) // 2],
+        "garbage": b"\x00garbage" * 100,
+        "pickle": (tmp / "pickle.pt").read_bytes(),
+        "foreign": (tmp / "foreign.pt").read_bytes(),
+        "export": (tmp / "export.pt").read_bytes(),
+        "arch": (tmp / "arch.pt").read_bytes(),
+    }
 
 
 BAD_CHECKPOINT_MESSAGES = {
-    "truncated": "could not be read (truncated or corrupt?", "garbage": "could not be read (truncated or corrupt?",
-    "pickle": "holds pickled Python objects", "foreign": "is not a ddpm checkpoint: it has no 'config'",
+    "truncated": "could not be read (truncated or corrupt?",
+    "garbage": "could not be read (truncated or corrupt?",
+    "pickle": "holds pickled Python objects",
+    "foreign": "is not a ddpm checkpoint: it has no 'config'",
     "export": "is an exported model (EMA weights only): it can be sampled from, not resumed",
     "arch": "do not fit the model its config describes",
 }
@@ -286,8 +380,10 @@ def test_a_live_run_holds_its_folder(cli, place):
 SAMPLE_CASES = [
     ("missing checkpoint", ["--ckpt", "{tmp}/nope.pt"], "does not exist"),
     ("empty run folder", ["--ckpt", "{empty}"], "no checkpoint found in the folder"),
-    *[(f"{kind} checkpoint", ["--ckpt", "{bad}"], BAD_CHECKPOINT_MESSAGES[kind])
-      for kind in ("truncated", "garbage", "pickle", "foreign")],
+    *[
+        (f"{kind} checkpoint", ["--ckpt", "{bad}"], BAD_CHECKPOINT_MESSAGES[kind])
+        for kind in ("truncated", "garbage", "pickle", "foreign")
+    ],
     ("another architecture's weights", ["--ckpt", "{bad}"], "does not fit the model its config describes"),
     ("--n 0", ["--ckpt", "{good}", "--n", "0"], "--n 0: must be at least 1"),
     ("--steps 0", ["--ckpt", "{good}", "--steps", "0"], "--steps 0: must be at least 1"),
@@ -300,8 +396,9 @@ SAMPLE_CASES = [
     ("--eta without ddim", ["--ckpt", "{good}", "--eta", "0.5", "--method", "dpmpp_2m"], "ddim only"),
 ]
 if UNAVAILABLE_DEVICE:
-    SAMPLE_CASES.append(("device not there", ["--ckpt", "{good}", "--device", UNAVAILABLE_DEVICE],
-                         f"--device {UNAVAILABLE_DEVICE}:"))
+    SAMPLE_CASES.append(
+        ("device not there", ["--ckpt", "{good}", "--device", UNAVAILABLE_DEVICE], f"--device {UNAVAILABLE_DEVICE}:")
+    )
 
 
 @pytest.mark.parametrize("argv, match", [c[1:] for c in SAMPLE_CASES], ids=[c[0] for c in SAMPLE_CASES])
@@ -322,6 +419,7 @@ def test_sample_refuses_bad_input_in_one_line(cli, place, bad_checkpoints, argv,
 
 # ---------------------------------------------------------------------------------------------- after all that
 
+
 def test_the_good_run_goes_on_after_every_refusal(cli, place):
     # (runs after the refusals above: pytest keeps a module's order)
     assert snapshot(place["good"]) == place["good_snapshot"]
@@ -329,13 +427,26 @@ def test_the_good_run_goes_on_after_every_refusal(cli, place):
     assert resumed.rc == 0, resumed.err
     assert ckpt.load_checkpoint(place["good"])["step"] == 4 and not (place["good"] / ".lock").exists()
     grid = place["tmp"] / "final" / "grid.png"
-    sampled = cli("ddpm.sample", "--ckpt", place["good"], "--n", "2", "--steps", "2", "--out", grid,
-                  "--device", "cpu", "--no-progress")
+    sampled = cli(
+        "ddpm.sample",
+        "--ckpt",
+        place["good"],
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        grid,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert sampled.rc == 0, sampled.err
     assert grid.is_file() and sorted(p.name for p in (grid.parent / "grid").iterdir()) == ["000.png", "001.png"]
 
 
 # ---------------------------------------------------------------------------------------------- what the data is
+
 
 def test_data_root_source_is_detected(cli, place, flowers_root):
     def printed(*argv):
@@ -348,30 +459,45 @@ def test_data_root_source_is_detected(cli, place, flowers_root):
     # and a folder preset on a Flowers102 root reads it as Flowers102 (labels and splits included)
     assert printed("--preset", "folder32", "--data-root", flowers_root)["source"] == "flowers102"
     # an explicit source wins
-    assert printed("--preset", "quick", "--data-root", place["photos"], "--data.source", "flowers102")["source"] == \
-        "flowers102"
-    assert printed("--preset", "quick", "--data-root", place["photos"], "--source", "flowers102")["source"] == \
-        "flowers102"
+    assert (
+        printed("--preset", "quick", "--data-root", place["photos"], "--data.source", "flowers102")["source"]
+        == "flowers102"
+    )
+    assert (
+        printed("--preset", "quick", "--data-root", place["photos"], "--source", "flowers102")["source"] == "flowers102"
+    )
 
 
 def test_skipped_files_are_named_with_the_count_used(cli, place):
     photos = _photos(place["tmp"] / "with_broken", n=10)
     (photos / "broken.png").write_bytes(b"\x89PNG not really")
-    result = cli("ddpm.train", *TINY, "--data-root", photos, "--data.cache_dir", place["cache"],
-                 "--out", place["tmp"] / "broken_run")
+    result = cli(
+        "ddpm.train",
+        *TINY,
+        "--data-root",
+        photos,
+        "--data.cache_dir",
+        place["cache"],
+        "--out",
+        place["tmp"] / "broken_run",
+    )
     assert result.rc == 0, result.err
     assert "skipped 1 unreadable file(s) under" in result.err and "using the other 10: broken.png (" in result.err
 
 
 # ---------------------------------------------------------------------------------------------- make demo
 
+
 def _notebook_folder(folder: Path) -> Path:
     import nbformat
 
     folder.mkdir(parents=True)
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell('QUICK = False\nDATA_ROOT = "nowhere"', metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell('open("ran.txt", "w").write("ran")')])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell('QUICK = False\nDATA_ROOT = "nowhere"', metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell('open("ran.txt", "w").write("ran")'),
+        ]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, folder / "01_marker.ipynb")
     return folder
@@ -398,9 +524,13 @@ def test_demo_needs_a_notebooks_folder_where_it_runs(cli, place):
 
 # ---------------------------------------------------------------------------------------------- literal entry points
 
+
 def test_entry_points_report_user_errors_without_traceback(place):
-    for argv, match in ((["ddpm.train", "--preset", "nope", "--out", place["tmp"] / "x"], "invalid choice"),
-                        (["ddpm.sample", "--ckpt", place["tmp"] / "nope.pt"], "does not exist")):
-        done = subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True, text=True, env=_env(),
-                              cwd=REPO, timeout=300)
+    for argv, match in (
+        (["ddpm.train", "--preset", "nope", "--out", place["tmp"] / "x"], "invalid choice"),
+        (["ddpm.sample", "--ckpt", place["tmp"] / "nope.pt"], "does not exist"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", *map(str, argv)], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300
+        )
         assert_user_error(Result(done.returncode, done.stdout, done.stderr), match)

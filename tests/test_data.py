@@ -15,10 +15,10 @@ import ddpm.data as data
 from ddpm.data import BatchStream, ImageDataset, load_dataset, to_unit_range
 
 
-
 def flowers_truth(root, split="all"):
     """Independent reading of the metadata: {image id: label} for the split's images present on disk."""
     from scipy.io import loadmat
+
     base = root / "flowers-102"
     labels = loadmat(base / "imagelabels.mat")["labels"].ravel() - 1
     setid = loadmat(base / "setid.mat")
@@ -45,6 +45,7 @@ def flowers_all(flowers_root, flowers_cache):
 
 # -----------------------------------------------------------------------------
 # Flowers102
+
 
 def test_flowers_partial_copy_uses_present_images_with_their_labels(flowers_root, flowers_all):
     truth, n_listed = flowers_truth(flowers_root, "all")
@@ -75,6 +76,7 @@ def test_flowers_single_split(split, flowers_root, flowers_cache, flowers_all):
 def test_flowers_cache_is_reused_without_decoding(flowers_root, flowers_all, flowers_cache, monkeypatch, caplog):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded an image although the cache exists")
+
     monkeypatch.setattr(data, "decode_image", no_decoding)
     with caplog.at_level(logging.INFO, logger="ddpm.data"), pytest.warns(UserWarning, match="missing"):
         again = load_dataset("flowers102", flowers_root, image_size=32, cache_dir=flowers_cache)
@@ -86,6 +88,7 @@ def test_flowers_cache_is_reused_without_decoding(flowers_root, flowers_all, flo
 def test_no_data_and_failed_download_gives_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):  # the network boundary; everything above it is torchvision's real download code
         raise urllib.error.URLError("no network in this test")
+
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(FileNotFoundError) as err:
         load_dataset("flowers102", tmp_path, image_size=32, cache_dir=tmp_path / "cache", download=True)
@@ -102,6 +105,7 @@ def test_no_data_and_failed_download_gives_clear_error(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # Image folders and bad input
 
+
 def save(path, img, **kwargs):
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, **kwargs)
@@ -111,7 +115,7 @@ def save(path, img, **kwargs):
 def three_bands(w=96, h=32):
     """Red | green | blue vertical bands: the centre square crop keeps only green."""
     a = np.zeros((h, w, 3), np.uint8)
-    a[:, : w // 3, 0] = a[:, w // 3: 2 * w // 3, 1] = a[:, 2 * w // 3:, 2] = 255
+    a[:, : w // 3, 0] = a[:, w // 3 : 2 * w // 3, 1] = a[:, 2 * w // 3 :, 2] = 255
     return Image.fromarray(a)
 
 
@@ -154,15 +158,25 @@ def test_folder_with_every_kind_of_bad_input(messy_folder, tmp_path):
     assert "skipped 4 unreadable" in skipped and "using the other 10:" in skipped  # named, and the count used
     assert "upsampled: tiny.png" in text and "bands.jpg" not in text
 
-    good = ["UPPER.JPG", "a/b/nested.png", "bands.jpg", "cmyk.jpg", "gray.png", "gray16.png", "palette.png",
-            "photo.webp", "rgba.png", "tiny.png"]
+    good = [
+        "UPPER.JPG",
+        "a/b/nested.png",
+        "bands.jpg",
+        "cmyk.jpg",
+        "gray.png",
+        "gray16.png",
+        "palette.png",
+        "photo.webp",
+        "rgba.png",
+        "tiny.png",
+    ]
     assert ds.files == good and ds.images.shape == (10, 3, 16, 16) and ds.images.dtype == torch.uint8
     assert ds.labels is None and ds.num_classes is None and ds[0][1] == -1
     assert (ds.source_info["n_skipped"], ds.source_info["n_upsampled"]) == (4, 1)
 
     close = lambda name, rgb, tol: torch.allclose(pixel(ds, name), torch.tensor(rgb, dtype=torch.float), atol=tol)
-    assert close("bands.jpg", [0, 255, 0], 6)      # centre crop removed the red and blue bands
-    assert close("rgba.png", [255, 255, 255], 0)   # transparent pixels composited on white
+    assert close("bands.jpg", [0, 255, 0], 6)  # centre crop removed the red and blue bands
+    assert close("rgba.png", [255, 255, 255], 0)  # transparent pixels composited on white
     assert close("gray.png", [128, 128, 128], 0) and close("gray16.png", [128, 128, 128], 0)
     assert close("palette.png", [0, 0, 255], 0)
     assert close("cmyk.jpg", [255, 0, 0], 6)
@@ -185,10 +199,16 @@ def test_folder_errors(tmp_path):
     assert not list((tmp_path / "cache").glob("*.pt"))  # nothing cached for a failed build
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(source="mnist"), "source='mnist'"), (dict(split="training"), "split='training'"),
-    (dict(source="folder", split="train"), "no splits"), (dict(image_size=0), "image_size=0"),
-    (dict(image_size=32.0), "image_size=32.0")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(source="mnist"), "source='mnist'"),
+        (dict(split="training"), "split='training'"),
+        (dict(source="folder", split="train"), "no splits"),
+        (dict(image_size=0), "image_size=0"),
+        (dict(image_size=32.0), "image_size=32.0"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, match):
     kwargs = {"source": "flowers102", "image_size": 16, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -197,6 +217,7 @@ def test_bad_arguments(tmp_path, kwargs, match):
 
 # -----------------------------------------------------------------------------
 # The cache
+
 
 def small_folder(root, n=3):
     for i in range(n):
@@ -219,7 +240,9 @@ def test_cache_key_follows_the_files(tmp_path):
 
     save(root / "img0.png", Image.new("RGB", (48, 40), (0, 255, 0)))  # same name, new size and content
     changed = load_dataset("folder", root, image_size=8, cache_dir=cache)
-    assert not changed.source_info["from_cache"] and changed.source_info["cache_path"] != added.source_info["cache_path"]
+    assert (
+        not changed.source_info["from_cache"] and changed.source_info["cache_path"] != added.source_info["cache_path"]
+    )
     assert pixel(changed, "img0.png").tolist() == [0, 255, 0]
 
 
@@ -232,18 +255,22 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
     def crash_mid_write(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a zip file")
         raise Crash("killed while writing")
+
     monkeypatch.setattr(data.torch, "save", crash_mid_write)
     with pytest.raises(Crash):
         load_dataset("folder", root, image_size=8, cache_dir=cache)
     assert list(cache.iterdir()) == []  # neither a half-written cache nor a leftover temporary file
     monkeypatch.undo()
     ds = load_dataset("folder", root, image_size=8, cache_dir=cache)
-    assert not ds.source_info["from_cache"] and [p.name for p in cache.iterdir()] == [Path(ds.source_info["cache_path"]).name]
+    assert not ds.source_info["from_cache"] and [p.name for p in cache.iterdir()] == [
+        Path(ds.source_info["cache_path"]).name
+    ]
 
 
 def test_unwritable_cache_warns_and_goes_on(tmp_path, monkeypatch):
     def read_only(path, payload):
         raise PermissionError(13, "Permission denied", str(path))
+
     monkeypatch.setattr(data, "save_checkpoint", read_only)
     with pytest.warns(UserWarning, match="could not write the cache .*Permission denied.*continuing without it"):
         ds = load_dataset("folder", small_folder(tmp_path / "imgs"), image_size=8, cache_dir=tmp_path / "cache")
@@ -289,6 +316,7 @@ def test_read_cache_checks_size_checksum_and_the_callers_own_test(tmp_path):
     def wrong_version(p):
         if p["version"] != 2:
             raise ValueError(f"version {p['version']}, expected 2")
+
     with pytest.warns(UserWarning, match="c.pt is unreadable or does not match .ValueError: version 1, expected 2"):
         assert data.read_cache(tmp_path / "c.pt", check=wrong_version) is None
     torch.save(payload, tmp_path / "old.pt")  # written without a checksum (an older version)
@@ -334,6 +362,7 @@ def test_data_problems_are_usage_errors_of_the_old_types(tmp_path):
 
 # -----------------------------------------------------------------------------
 # ImageDataset and BatchStream
+
 
 def numbered(n, size=4, labels=True):
     """n random images whose label is their index, so a batch's y names the rows it holds."""
@@ -384,7 +413,9 @@ def test_batchstream_seek_and_state_dict_resume_the_sequence():
     for k in (0, 2, 3, 7):
         resumed = BatchStream(ds, 6, seed=1)
         resumed.seek(k)
-        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[k:], collect(resumed, 10 - k)))
+        assert all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[k:], collect(resumed, 10 - k))
+        )
     stream = BatchStream(ds, 6, seed=1)
     collect(stream, 4)
     state = stream.state_dict()

@@ -17,8 +17,9 @@ from ddpm import checkpoint as ckpt
 from ddpm import config as C
 from ddpm import train as T
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with Gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with Gloo"
+)
 WORLD_SIZE = 2
 
 
@@ -83,8 +84,11 @@ def _worker(rank: int, ports: list[int], tmp: str, config: dict) -> None:
     finally:
         dist.destroy_process_group()
     for name, result in (("straight", straight), ("resumed", resumed)):
-        results[name] = {"step": result.step, "model": _digest(result.model.state_dict()),
-                         "ema": _digest(result.ema.shadow_state_dict())}
+        results[name] = {
+            "step": result.step,
+            "model": _digest(result.model.state_dict()),
+            "ema": _digest(result.ema.shadow_state_dict()),
+        }
     results["writes"] = writes
     (tmp / f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -92,13 +96,33 @@ def _worker(rank: int, ports: list[int], tmp: str, config: dict) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, flowers_root):
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg = C.preset("quick", **{
-        "image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8,
-        "model.dropout": 0.1, "data.root": str(flowers_root), "data.split": "train", "data.cache_dir": str(tmp / "cache"),
-        "batch_size": 8, "grad_accum": 2, "max_steps": 4, "warmup_steps": 2, "log_every": 1, "sample_every": 2,
-        "sample_n": 2, "sample_steps": 2, "checkpoint_every": 2, "conditional": True, "class_dropout": 0.5})
-    mp.start_processes(_worker, args=(_free_ports(3), str(tmp), cfg.to_dict()), nprocs=WORLD_SIZE, join=True,
-                       start_method="spawn")
+    cfg = C.preset(
+        "quick",
+        **{
+            "image_size": 16,
+            "model.base_channels": 16,
+            "model.channel_mults": (1, 2),
+            "model.groups": 8,
+            "model.dropout": 0.1,
+            "data.root": str(flowers_root),
+            "data.split": "train",
+            "data.cache_dir": str(tmp / "cache"),
+            "batch_size": 8,
+            "grad_accum": 2,
+            "max_steps": 4,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "sample_every": 2,
+            "sample_n": 2,
+            "sample_steps": 2,
+            "checkpoint_every": 2,
+            "conditional": True,
+            "class_dropout": 0.5,
+        },
+    )
+    mp.start_processes(
+        _worker, args=(_free_ports(3), str(tmp), cfg.to_dict()), nprocs=WORLD_SIZE, join=True, start_method="spawn"
+    )
     return tmp, [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 
@@ -117,8 +141,15 @@ def test_only_rank_zero_writes_files(ddp_run):
     for name in ("config.json", "log.jsonl", "loss.png", "step_0000004.pt", "latest.pt", "step_0000002.png"):
         assert name in written, f"rank 0 never wrote {name}"
     run = tmp / "runs" / "straight"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "latest.pt", "log.jsonl", "loss.png", "samples",
-                                                    "step_0000002.pt", "step_0000004.pt"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json",
+        "latest.pt",
+        "log.jsonl",
+        "loss.png",
+        "samples",
+        "step_0000002.pt",
+        "step_0000004.pt",
+    ]
     state = ckpt.load_checkpoint(run)
     assert state["world_size"] == WORLD_SIZE and len(state["rng"]) == len(state["data"]) == WORLD_SIZE
     # ranks draw different timesteps and noise: their saved RNG states differ

@@ -8,9 +8,14 @@ from ddpm import device as dev
 
 # torch.cuda.get_arch_list() of the torch 2.14.1+cu130 wheel the project is tested with
 ARCH_LIST = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
-GPUS = {"P100": ("Tesla P100-PCIE-16GB", (6, 0)), "V100": ("Tesla V100-SXM2-16GB", (7, 0)),
-        "T4": ("Tesla T4", (7, 5)), "A100": ("NVIDIA A100-SXM4-80GB", (8, 0)), "L4": ("NVIDIA L4", (8, 9)),
-        "H100": ("NVIDIA H100 80GB HBM3", (9, 0))}
+GPUS = {
+    "P100": ("Tesla P100-PCIE-16GB", (6, 0)),
+    "V100": ("Tesla V100-SXM2-16GB", (7, 0)),
+    "T4": ("Tesla T4", (7, 5)),
+    "A100": ("NVIDIA A100-SXM4-80GB", (8, 0)),
+    "L4": ("NVIDIA L4", (8, 9)),
+    "H100": ("NVIDIA H100 80GB HBM3", (9, 0)),
+}
 
 
 def fake_gpu(monkeypatch, gpu, arch_list=ARCH_LIST):
@@ -24,6 +29,7 @@ def fake_gpu(monkeypatch, gpu, arch_list=ARCH_LIST):
 
     def emulation_counts(including_emulation=True):  # True on a T4 too: autocast_dtype must not ask it
         raise AssertionError("torch.cuda.is_bf16_supported() was consulted")
+
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulation_counts)
 
 
@@ -68,8 +74,17 @@ def test_autocast_dtype_per_device(monkeypatch):
     assert dev.PRECISIONS == ("auto", "bf16", "fp16", "fp32")
 
 
-@pytest.mark.parametrize("gpu, dtype", [("P100", torch.float16), ("V100", torch.float16), ("T4", torch.float16),
-                                        ("A100", torch.bfloat16), ("L4", torch.bfloat16), ("H100", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "gpu, dtype",
+    [
+        ("P100", torch.float16),
+        ("V100", torch.float16),
+        ("T4", torch.float16),
+        ("A100", torch.bfloat16),
+        ("L4", torch.bfloat16),
+        ("H100", torch.bfloat16),
+    ],
+)
 def test_auto_precision_on_cuda_follows_the_compute_capability(monkeypatch, gpu, dtype):
     # bf16 from sm_80 (Ampere) on; below it fp16, which needs a GradScaler
     fake_gpu(monkeypatch, gpu)
@@ -121,20 +136,30 @@ def test_cpu_autocast_really_computes_in_bf16():
         assert (a @ a).dtype == torch.float32
 
 
-@pytest.mark.parametrize("capability, arch_list, supported", [
-    ((6, 0), ARCH_LIST, False), ((7, 0), ARCH_LIST, False),      # P100, V100: dropped by CUDA 13 wheels
-    ((7, 5), ARCH_LIST, True), ((8, 0), ARCH_LIST, True), ((9, 0), ARCH_LIST, True),  # T4, A100, H100
-    ((8, 9), ARCH_LIST, True),    # L4: no sm_89 in the list, but sm_86 (and sm_80) code runs on 8.9
-    ((10, 3), ARCH_LIST, True), ((12, 1), ARCH_LIST, True),   # B300 on sm_100, GB10 on sm_120
-    ((7, 5), ["sm_80", "sm_90"], False),                      # older than anything in the build
-    ((9, 0), ["sm_80", "compute_80"], True),                  # PTX: compiled at load time for newer GPUs
-    ((12, 0), ["sm_80", "compute_80"], True),
-    ((7, 0), ["sm_80", "compute_80"], False),                 # ... never for older ones
-    ((7, 0), ["sm_60", "compute_60"], True),
-    ((9, 0), ["sm_90a"], True), ((10, 0), ["sm_90a", "compute_90a"], False),  # arch-specific: 9.0 only
-    ((10, 3), ["sm_100f"], True), ((12, 0), ["sm_100f"], False),              # family: 10.x
-    ((7, 0), [], True), ((7, 0), ["gfx90a", "gfx942"], True),                 # no CUDA list: nothing to say
-])
+@pytest.mark.parametrize(
+    "capability, arch_list, supported",
+    [
+        ((6, 0), ARCH_LIST, False),
+        ((7, 0), ARCH_LIST, False),  # P100, V100: dropped by CUDA 13 wheels
+        ((7, 5), ARCH_LIST, True),
+        ((8, 0), ARCH_LIST, True),
+        ((9, 0), ARCH_LIST, True),  # T4, A100, H100
+        ((8, 9), ARCH_LIST, True),  # L4: no sm_89 in the list, but sm_86 (and sm_80) code runs on 8.9
+        ((10, 3), ARCH_LIST, True),
+        ((12, 1), ARCH_LIST, True),  # B300 on sm_100, GB10 on sm_120
+        ((7, 5), ["sm_80", "sm_90"], False),  # older than anything in the build
+        ((9, 0), ["sm_80", "compute_80"], True),  # PTX: compiled at load time for newer GPUs
+        ((12, 0), ["sm_80", "compute_80"], True),
+        ((7, 0), ["sm_80", "compute_80"], False),  # ... never for older ones
+        ((7, 0), ["sm_60", "compute_60"], True),
+        ((9, 0), ["sm_90a"], True),
+        ((10, 0), ["sm_90a", "compute_90a"], False),  # arch-specific: 9.0 only
+        ((10, 3), ["sm_100f"], True),
+        ((12, 0), ["sm_100f"], False),  # family: 10.x
+        ((7, 0), [], True),
+        ((7, 0), ["gfx90a", "gfx942"], True),  # no CUDA list: nothing to say
+    ],
+)
 def test_cuda_arch_supported(capability, arch_list, supported):
     assert dev.cuda_arch_supported(capability, arch_list) == supported
 
@@ -147,9 +172,15 @@ def test_a_gpu_this_build_cannot_run_is_an_error_when_asked_for(monkeypatch, gpu
         with pytest.raises(RuntimeError) as err:
             dev.get_device(prefer)
         message = str(err.value)
-        for part in (name, f"sm_{major}{minor}", torch.__version__, ", ".join(ARCH_LIST),
-                     "pip install torch==2.7.1 torchvision==0.22.1 --index-url https://download.pytorch.org/whl/cu126",
-                     "https://pytorch.org/get-started/locally/", "--train.device cpu"):
+        for part in (
+            name,
+            f"sm_{major}{minor}",
+            torch.__version__,
+            ", ".join(ARCH_LIST),
+            "pip install torch==2.7.1 torchvision==0.22.1 --index-url https://download.pytorch.org/whl/cu126",
+            "https://pytorch.org/get-started/locally/",
+            "--train.device cpu",
+        ):
             assert part in message, (part, message)
 
 
@@ -182,6 +213,7 @@ def test_a_gpu_newer_than_the_build_asks_for_a_newer_build(monkeypatch):
 
 class FakeTensor:
     """Records how to_device copies it."""
+
     def __init__(self, device="cpu"):
         self.device, self.calls = torch.device(device), []
 
@@ -194,12 +226,15 @@ class FakeTensor:
         return self
 
 
-@pytest.mark.parametrize("device, calls", [
-    ("cuda", ["pin_memory", ("cuda", "non_blocking")]),  # overlaps with GPU work; safe from pinned memory
-    ("cuda:1", ["pin_memory", ("cuda", "non_blocking")]),
-    ("mps", [("mps", "blocking")]),                       # the pageable source must outlive the copy
-    ("cpu", [("cpu", "blocking")]),
-])
+@pytest.mark.parametrize(
+    "device, calls",
+    [
+        ("cuda", ["pin_memory", ("cuda", "non_blocking")]),  # overlaps with GPU work; safe from pinned memory
+        ("cuda:1", ["pin_memory", ("cuda", "non_blocking")]),
+        ("mps", [("mps", "blocking")]),  # the pageable source must outlive the copy
+        ("cpu", [("cpu", "blocking")]),
+    ],
+)
 def test_to_device_copies_as_each_device_needs(device, calls):
     t = FakeTensor()
     assert dev.to_device(t, device) is t and t.calls == calls
@@ -222,8 +257,10 @@ def test_keep_freed_memory_in_a_fresh_process():
     import subprocess
     import sys
 
-    code = "from ddpm.device import keep_freed_memory; import torch; r = keep_freed_memory(); " \
-           "x = [torch.ones(2**23) for _ in range(3)]; del x; print(r)"
+    code = (
+        "from ddpm.device import keep_freed_memory; import torch; r = keep_freed_memory(); "
+        "x = [torch.ones(2**23) for _ in range(3)]; del x; print(r)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("True" if sys.platform.startswith("linux") else "False")
 
@@ -245,11 +282,12 @@ def test_native_bf16_is_detected_where_the_cpu_has_it():
 
 def test_saved_tensor_bytes_counts_what_autograd_keeps_once_per_storage():
     from ddpm.device import saved_tensor_bytes
+
     x = torch.randn(64, 32, requires_grad=True)
     y = torch.randn(64, 32, requires_grad=True)
-    assert saved_tensor_bytes(lambda: x * 2) == 0                     # a scalar multiply keeps nothing
-    assert saved_tensor_bytes(lambda: x.exp()) == x.nbytes            # exp keeps its output
-    assert saved_tensor_bytes(lambda: x * y) == x.nbytes + y.nbytes   # a product keeps both factors
-    assert saved_tensor_bytes(lambda: x * x) == x.nbytes              # the same storage, counted once
+    assert saved_tensor_bytes(lambda: x * 2) == 0  # a scalar multiply keeps nothing
+    assert saved_tensor_bytes(lambda: x.exp()) == x.nbytes  # exp keeps its output
+    assert saved_tensor_bytes(lambda: x * y) == x.nbytes + y.nbytes  # a product keeps both factors
+    assert saved_tensor_bytes(lambda: x * x) == x.nbytes  # the same storage, counted once
     with torch.no_grad():
-        assert saved_tensor_bytes(lambda: x * y) == 0                 # no graph, nothing kept
+        assert saved_tensor_bytes(lambda: x * y) == 0  # no graph, nothing kept

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from ddpm.diffusion import (PREDICTION_TYPES, get_target, min_snr_weight, predict_epsilon, predict_x0, randn_like,
-                            training_loss)
+from ddpm.diffusion import (
+    PREDICTION_TYPES,
+    get_target,
+    min_snr_weight,
+    predict_epsilon,
+    predict_x0,
+    randn_like,
+    training_loss,
+)
 from ddpm.oracle import GaussianDenoiser
 from ddpm.schedules import make_schedule
 
@@ -65,8 +72,9 @@ def test_the_optimal_denoiser_beats_a_perturbed_one(prediction_type):
     t = torch.randint(0, 1000, (4096,))
     noise = torch.randn_like(x0)
     best = training_loss(oracle, s, x0, prediction_type=prediction_type, timesteps=t, noise=noise)
-    worse = training_loss(lambda x, tt: oracle(x, tt) * 1.1, s, x0, prediction_type=prediction_type,
-                          timesteps=t, noise=noise)
+    worse = training_loss(
+        lambda x, tt: oracle(x, tt) * 1.1, s, x0, prediction_type=prediction_type, timesteps=t, noise=noise
+    )
     assert best.item() < worse.item()
 
 
@@ -74,20 +82,25 @@ def test_conditional_model_receives_labels(batch):
     s = make_schedule("linear")
     x0, _, _ = batch
     seen = {}
+
     def model(x, t, y):
         seen["y"] = y
         return torch.zeros_like(x)
+
     y = torch.arange(8)
     training_loss(model, s, x0, y=y)
     assert torch.equal(seen["y"], y)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"prediction_type": "score"}, "valid: epsilon, sample, v_prediction"),
-    ({"loss_type": "l2"}, "valid: mse, l1, huber"),
-    ({"min_snr_gamma": 0.0}, "min_snr_gamma"),
-    ({"min_snr_gamma": 5.0, "loss_type": "l1"}, "min_snr_gamma is defined for loss_type='mse' only"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prediction_type": "score"}, "valid: epsilon, sample, v_prediction"),
+        ({"loss_type": "l2"}, "valid: mse, l1, huber"),
+        ({"min_snr_gamma": 0.0}, "min_snr_gamma"),
+        ({"min_snr_gamma": 5.0, "loss_type": "l1"}, "min_snr_gamma is defined for loss_type='mse' only"),
+    ],
+)
 def test_bad_arguments(batch, kwargs, match):
     with pytest.raises(ValueError, match=match):
         training_loss(lambda x, t: x, make_schedule("linear"), batch[0], **kwargs)

@@ -58,8 +58,16 @@ def test_sample_from_a_given_x_T_is_sample_from_its_seed():
     s = make_schedule("linear")
     oracle = GaussianDenoiser(s, MEAN, STD)
     shape = (4, *SHAPE)
-    drawn = sample(oracle, s, shape, method="ddim", steps=10, generator=torch.Generator().manual_seed(3),
-                   clip_denoised=False, progress=False)
+    drawn = sample(
+        oracle,
+        s,
+        shape,
+        method="ddim",
+        steps=10,
+        generator=torch.Generator().manual_seed(3),
+        clip_denoised=False,
+        progress=False,
+    )
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     assert torch.equal(editing.generate_from_noise(oracle, s, x_T, steps=10), drawn)
     with pytest.raises(ValueError, match="x_T has shape"):
@@ -86,8 +94,10 @@ def test_invert_follows_the_exact_ode_of_gaussian_data(prediction_type):
     oracle = GaussianDenoiser(s, MEAN, STD, prediction_type=prediction_type)
     x0 = data(16)
     target = exact_flow(s, x0, s.timesteps - 1)
-    errors = {n: (editing.invert(oracle, s, x0, steps=n, prediction_type=prediction_type) - target).abs().max().item()
-              for n in (10, 100, 1000)}
+    errors = {
+        n: (editing.invert(oracle, s, x0, steps=n, prediction_type=prediction_type) - target).abs().max().item()
+        for n in (10, 100, 1000)
+    }
     # First order (the model is asked at the level it goes to): the error falls ~10x per 10x steps
     assert errors[1000] < errors[100] / 5 < errors[10] / 25, errors
     assert errors[1000] < 0.02, errors  # measured 0.95, 0.12, 0.012 (max over pixels); x_T itself has std ~1
@@ -112,8 +122,17 @@ def test_inversion_round_trip_returns_the_image_and_improves_with_steps():
 
 
 def tiny_unet(num_classes=None, seed=0):
-    config = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4,
-                        head_dim=8, attention_resolutions=(), mid_attention=False, num_classes=num_classes)
+    config = UNetConfig(
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        groups=4,
+        head_dim=8,
+        attention_resolutions=(),
+        mid_attention=False,
+        num_classes=num_classes,
+    )
     torch.manual_seed(seed)
     model = UNet(config).eval()
     with torch.no_grad():  # zero-initialised layers (the output, each block's last conv) get weights too
@@ -125,9 +144,18 @@ def tiny_unet(num_classes=None, seed=0):
 
 
 def draw(model, schedule, seed, **kwargs):
-    return sample(model, schedule, (1, 3, 8, 8), method="ddim", steps=5, progress=False, clip_denoised=False,
-                  prediction_type="v_prediction",
-                  generator=torch.Generator().manual_seed(seed), **kwargs)
+    return sample(
+        model,
+        schedule,
+        (1, 3, 8, 8),
+        method="ddim",
+        steps=5,
+        progress=False,
+        clip_denoised=False,
+        prediction_type="v_prediction",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
 
 
 def test_interpolate_runs_from_one_seeds_image_to_the_others():
@@ -149,8 +177,9 @@ def test_interpolate_between_classes_mixes_the_class_embeddings():
     with torch.no_grad():
         model.class_emb.weight.normal_(0, 1.0)
     for guidance in (1.0, 2.0):
-        strip = editing.interpolate(model, s, config, seeds=(5, 5), classes=(0, 2), n=3, steps=5,
-                                    guidance_scale=guidance, clip_denoised=False)
+        strip = editing.interpolate(
+            model, s, config, seeds=(5, 5), classes=(0, 2), n=3, steps=5, guidance_scale=guidance, clip_denoised=False
+        )
         ends = [draw(model, s, 5, y=torch.tensor([c]), guidance_scale=guidance)[0] for c in (0, 2)]
         assert torch.allclose(strip[0], ends[0], atol=1e-5) and torch.allclose(strip[-1], ends[1], atol=1e-5)
         assert not torch.allclose(strip[1], ends[0], atol=1e-3) and not torch.allclose(strip[1], ends[1], atol=1e-3)
@@ -179,8 +208,10 @@ def test_masks(tmp_path):
     grey = (m[0, 0].numpy() * 255).astype("uint8")
     Image.fromarray(grey).convert("RGB").save(tmp_path / "mask.png")
     assert torch.equal(editing.mask_from_image(tmp_path / "mask.png"), m)
-    assert torch.equal(editing.mask_from_image(str(tmp_path / "mask.png"), size=(12, 16)),
-                       torch.nn.functional.interpolate(m, size=(12, 16)))
+    assert torch.equal(
+        editing.mask_from_image(str(tmp_path / "mask.png"), size=(12, 16)),
+        torch.nn.functional.interpolate(m, size=(12, 16)),
+    )
     assert torch.equal(editing.mask_from_image(m[0].bool()), m)
     assert torch.equal(editing.mask_from_image(torch.from_numpy(grey)), m)
     with pytest.raises(ValueError, match="one grey image"):
@@ -240,9 +271,17 @@ def conditional():
 def fill(method, resample, mask=MASK, seed=0):
     s = make_schedule("cosine", 250)  # RePaint's T = 250
     image = KNOWN.reshape(1, 1, 1, D).expand(N, 1, 1, D)
-    out = editing.inpaint(CorrelatedGaussianDenoiser(s, torch.zeros(D), COV), s, image, mask, method=method,
-                          steps=250, resample=resample, generator=torch.Generator().manual_seed(seed),
-                          clip_denoised=False)
+    out = editing.inpaint(
+        CorrelatedGaussianDenoiser(s, torch.zeros(D), COV),
+        s,
+        image,
+        mask,
+        method=method,
+        steps=250,
+        resample=resample,
+        generator=torch.Generator().manual_seed(seed),
+        clip_denoised=False,
+    )
     keep = mask.flatten().bool()
     assert torch.equal(out[..., keep], image[..., keep])  # known pixels kept exactly
     unknown = out[..., ~MASK.flatten().bool()].double().flatten(1)  # the two middle pixels
@@ -291,13 +330,16 @@ def test_inpaint_on_a_unet_and_its_errors():
     image = torch.rand(2, 3, 8, 8) * 2 - 1
     mask = editing.center_square_mask(8)
     calls = []
-    out = editing.inpaint(model, s, image, mask, steps=4, jump_length=2, resample=1,
-                          callback=lambda i, t, x, x0: calls.append(t))
+    out = editing.inpaint(
+        model, s, image, mask, steps=4, jump_length=2, resample=1, callback=lambda i, t, x, x0: calls.append(t)
+    )
     assert out.shape == image.shape and torch.equal(out * mask, image * mask)
     assert calls == [999, 749, 499, 749, 499, 249]  # trailing 4 steps; back 2 on reaching the last noisy one
     again = editing.inpaint(model, s, image, mask, method="ddim", steps=4, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(again, editing.inpaint(model, s, image, mask, method="ddim", steps=4,
-                                              generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        again,
+        editing.inpaint(model, s, image, mask, method="ddim", steps=4, generator=torch.Generator().manual_seed(0)),
+    )
     with pytest.raises(ValueError, match="ddpm or ddim"):
         editing.inpaint(model, s, image, mask, method="dpmpp_2m")
     with pytest.raises(ValueError, match="does not broadcast"):

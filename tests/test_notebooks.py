@@ -16,8 +16,13 @@ from ddpm import demo
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = demo.notebook_paths(REPO / "notebooks")
-EXPECTED = ["01_data_exploration.ipynb", "02_forward_noising.ipynb", "03_training.ipynb", "04_sampling.ipynb",
-            "05_fid_evaluation.ipynb"]
+EXPECTED = [
+    "01_data_exploration.ipynb",
+    "02_forward_noising.ipynb",
+    "03_training.ipynb",
+    "04_sampling.ipynb",
+    "05_fid_evaluation.ipynb",
+]
 
 
 def code_cells(path):
@@ -46,9 +51,14 @@ def test_committed_notebook_is_clean_and_thin(path):
 
 
 def test_parameter_names_reads_non_literal_assignments(tmp_path):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        'import os\nQUICK = os.environ.get("QUICK", "0") == "1"\nA, B = 1, 2\nC: int = 3\n%matplotlib inline',
-        metadata={"tags": ["parameters"]})])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                'import os\nQUICK = os.environ.get("QUICK", "0") == "1"\nA, B = 1, 2\nC: int = 3\n%matplotlib inline',
+                metadata={"tags": ["parameters"]},
+            )
+        ]
+    )
     nbformat.write(nb, tmp_path / "01_x.ipynb")
     assert demo.parameter_names(tmp_path / "01_x.ipynb") == {"QUICK", "A", "B", "C"}
 
@@ -57,19 +67,30 @@ def test_demo_injects_parameters_and_reports_failures(tmp_path, capsys):
     """Two tiny notebooks: one records what it was given (and where it ran), one fails; main exits 1 naming it."""
     folder = tmp_path / "nbs"
     folder.mkdir()
-    ok = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell('import os\nQUICK = False\nDATA_ROOT = "nowhere"', metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell('import json, os\nopen("seen.json", "w").write(json.dumps('
-                                  '{"QUICK": QUICK, "DATA_ROOT": DATA_ROOT, "env": os.environ.get("QUICK")}))')])
-    bad = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("QUICK = False", metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell('raise ValueError("boom")')])
+    ok = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                'import os\nQUICK = False\nDATA_ROOT = "nowhere"', metadata={"tags": ["parameters"]}
+            ),
+            nbformat.v4.new_code_cell(
+                'import json, os\nopen("seen.json", "w").write(json.dumps('
+                '{"QUICK": QUICK, "DATA_ROOT": DATA_ROOT, "env": os.environ.get("QUICK")}))'
+            ),
+        ]
+    )
+    bad = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("QUICK = False", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell('raise ValueError("boom")'),
+        ]
+    )
     for nb in (ok, bad):
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(ok, folder / "01_ok.ipynb")
     nbformat.write(bad, folder / "02_bad.ipynb")
-    code = demo.main(["--dir", str(folder), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path),
-                      "--no-data-check"])
+    code = demo.main(
+        ["--dir", str(folder), "--out", str(tmp_path / "out"), "--data-root", str(tmp_path), "--no-data-check"]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "02_bad.ipynb (ValueError: boom" in err and "01_ok" not in err
@@ -99,8 +120,9 @@ def test_notebook_runs_in_quick_mode(path, workdir):
     # the kernel idle and the client waiting forever on a widget cell. A timed-out run goes once more; a cell
     # that is really that slow times out again and fails.
     for _ in range(2):
-        (run,) = demo.run_notebooks([path], out_dir=tmp / "executed", data_root=data, parameters=params,
-                                    timeout=CELL_TIMEOUT_S, verbose=False)
+        (run,) = demo.run_notebooks(
+            [path], out_dir=tmp / "executed", data_root=data, parameters=params, timeout=CELL_TIMEOUT_S, verbose=False
+        )
         if run.ok or not run.error.startswith("CellTimeoutError"):
             break
     assert run.ok, f"{path.name} failed: {run.error} (executed copy: {run.output})"

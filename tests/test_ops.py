@@ -24,8 +24,17 @@ def one_thread():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("act,scale_shift,conv", [(True, True, None), (True, False, None), (False, False, None),
-                                                  (True, True, "bias"), (True, False, "bias"), (True, True, "no bias")])
+@pytest.mark.parametrize(
+    "act,scale_shift,conv",
+    [
+        (True, True, None),
+        (True, False, None),
+        (False, False, None),
+        (True, True, "bias"),
+        (True, False, "bias"),
+        (True, True, "no bias"),
+    ],
+)
 def test_group_norm_equals_unfused_ops(channels_last, act, scale_shift, conv):
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 12).double()
@@ -102,8 +111,9 @@ def test_group_norm_conv_saves_one_activation_and_autocasts_like_conv2d():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("act,scale_shift,conv", [(True, True, None), (False, False, None), (True, True, "bias"),
-                                                  (True, False, "no bias")])
+@pytest.mark.parametrize(
+    "act,scale_shift,conv", [(True, True, None), (False, False, None), (True, True, "bias"), (True, False, "no bias")]
+)
 def test_plain_path_equals_fused_path(channels_last, act, scale_shift, conv):
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 12).double()
@@ -121,7 +131,8 @@ def test_plain_path_equals_fused_path(channels_last, act, scale_shift, conv):
     fused, plain = group_norm_act(x, norm, **kw, fused=True), group_norm_act(x, norm, **kw, fused=False)
     assert plain.dtype == fused.dtype and torch.allclose(plain, fused, atol=1e-12)
     assert plain.is_contiguous(memory_format=torch.channels_last) == fused.is_contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     go = torch.randn_like(fused)
     for a, b in zip(torch.autograd.grad(fused, inputs, go), torch.autograd.grad(plain, inputs, go)):
         assert torch.allclose(a, b, atol=1e-10)
@@ -140,7 +151,8 @@ def test_plain_path_autocasts_like_the_fused_node():
             out = group_norm_act(xb, norm, act=True, conv=conv, fused=fused)
         assert h.dtype == out.dtype == torch.bfloat16
         assert h.is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         outs.append(out)
     # the same rounding up to the conv's input, then the same bf16 conv: within one bf16 step or two
     assert (outs[0].float() - outs[1].float()).norm() / outs[0].float().norm() < 0.01

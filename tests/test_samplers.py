@@ -20,14 +20,17 @@ def draw(model, schedule, n, seed=0, **kwargs):
     return sample(model, schedule, (n, *SHAPE), generator=g, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("method, steps, tol", [
-    ("ddpm", None, 0.02),     # ancestral over all 1000 steps: only Monte Carlo error is left
-    ("ddim", 50, 0.04),
-    ("dpmpp_2m", 20, 0.02),
-    ("dpmpp_2m", 10, 0.025),
-    ("dpmpp_2m_sde", 20, 0.025),
-    ("dpmpp_2m_sde", 10, 0.025),
-])
+@pytest.mark.parametrize(
+    "method, steps, tol",
+    [
+        ("ddpm", None, 0.02),  # ancestral over all 1000 steps: only Monte Carlo error is left
+        ("ddim", 50, 0.04),
+        ("dpmpp_2m", 20, 0.02),
+        ("dpmpp_2m", 10, 0.025),
+        ("dpmpp_2m_sde", 20, 0.025),
+        ("dpmpp_2m_sde", 10, 0.025),
+    ],
+)
 def test_samplers_reproduce_the_data_distribution(method, steps, tol):
     s = make_schedule("linear")
     n = 3000 if method == "ddpm" else 20000
@@ -44,14 +47,16 @@ def test_dpm_solver_needs_fewer_steps_than_ddim(schedule, solver):
     s = make_schedule(schedule)
     errs = {}
     for method, steps in [("ddim", 20), ("ddim", 50), (solver, 10), (solver, 20)]:
-        errs[method, steps] = gaussian_errors(draw(GaussianDenoiser(s, MEAN, STD), s, 20000, method=method,
-                                                   steps=steps), MEAN, STD)["w2"]
+        errs[method, steps] = gaussian_errors(
+            draw(GaussianDenoiser(s, MEAN, STD), s, 20000, method=method, steps=steps), MEAN, STD
+        )["w2"]
     assert errs[solver, 20] < errs["ddim", 50], errs
     assert errs[solver, 10] < errs["ddim", 20], errs
 
 
 class ConstantX0(nn.Module):
     """Predicts the same x0 at every step: DPM-Solver++'s second-order term (x0_t - x0_prev) is then zero."""
+
     def forward(self, x, t):
         return torch.full_like(x, 0.3)
 
@@ -64,8 +69,17 @@ def test_sde_dpm_solver_without_its_second_order_term_is_ddpm(steps):
 
     def path(method):
         xs = []
-        draw(ConstantX0(), s, 64, seed=4, method=method, steps=steps, spacing="trailing",
-             prediction_type="sample", callback=lambda i, t, x, x0: xs.append(x.clone()))
+        draw(
+            ConstantX0(),
+            s,
+            64,
+            seed=4,
+            method=method,
+            steps=steps,
+            spacing="trailing",
+            prediction_type="sample",
+            callback=lambda i, t, x, x0: xs.append(x.clone()),
+        )
         return torch.stack(xs)
 
     sde, ode = path("dpmpp_2m_sde"), path("dpmpp_2m")
@@ -113,9 +127,17 @@ def test_a_given_x_T_replaces_the_first_draw(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_prediction_types_give_the_same_samples(method):
     s = make_schedule("cosine", timesteps=100)
-    outs = [draw(GaussianDenoiser(s, MEAN, STD, prediction_type=p), s, 128, method=method, steps=10
-                 if method != "ddpm" else None, prediction_type=p)
-            for p in ("epsilon", "sample", "v_prediction")]
+    outs = [
+        draw(
+            GaussianDenoiser(s, MEAN, STD, prediction_type=p),
+            s,
+            128,
+            method=method,
+            steps=10 if method != "ddpm" else None,
+            prediction_type=p,
+        )
+        for p in ("epsilon", "sample", "v_prediction")
+    ]
     assert torch.allclose(outs[0], outs[1], atol=1e-3) and torch.allclose(outs[0], outs[2], atol=1e-3)
 
 
@@ -124,12 +146,21 @@ def test_same_seed_same_images_and_callback_sees_each_step(method):
     s = make_schedule("linear", timesteps=50)
     oracle = GaussianDenoiser(s, MEAN, STD)
     seen = []
-    a = draw(oracle, s, 8, seed=1, method=method, steps=None if method == "ddpm" else 10,
-             callback=lambda i, t, x, x0: seen.append((i, t, x.shape, float(x0.abs().max()))), clip_denoised=True)
+    a = draw(
+        oracle,
+        s,
+        8,
+        seed=1,
+        method=method,
+        steps=None if method == "ddpm" else 10,
+        callback=lambda i, t, x, x0: seen.append((i, t, x.shape, float(x0.abs().max()))),
+        clip_denoised=True,
+    )
     b = draw(oracle, s, 8, seed=1, method=method, steps=None if method == "ddpm" else 10, clip_denoised=True)
     assert torch.equal(a, b)
-    assert not torch.equal(a, draw(oracle, s, 8, seed=2, method=method, clip_denoised=True,
-                                   steps=None if method == "ddpm" else 10))
+    assert not torch.equal(
+        a, draw(oracle, s, 8, seed=2, method=method, clip_denoised=True, steps=None if method == "ddpm" else 10)
+    )
     assert [i for i, *_ in seen] == list(range(50 if method == "ddpm" else 10))
     assert seen[0][1] == 49 and all(m <= 1 for *_, m in seen)
     assert a.abs().max() <= 1
@@ -137,6 +168,7 @@ def test_same_seed_same_images_and_callback_sees_each_step(method):
 
 class TinyConditional(nn.Module):
     """output = x * w + embedding(y): linear, so guidance has a closed form."""
+
     def __init__(self, num_classes=3):
         super().__init__()
         self.null_class = num_classes
@@ -159,12 +191,17 @@ def test_guidance_scale_one_is_the_conditional_model_and_w_extrapolates():
 
     class Manual(nn.Module):  # the formula out = u + w (c - u) written out
         null_class = None
+
         def forward(self, x, t, y):
             u = model(x, t, torch.full_like(y, model.null_class))
             return u + 3.0 * (model(x, t, y) - u)
+
     model.eval()
-    assert torch.allclose(draw(model, s, 4, method="ddim", steps=5, y=y, guidance_scale=3.0),
-                          draw(Manual(), s, 4, method="ddim", steps=5, y=y), atol=1e-6)
+    assert torch.allclose(
+        draw(model, s, 4, method="ddim", steps=5, y=y, guidance_scale=3.0),
+        draw(Manual(), s, 4, method="ddim", steps=5, y=y),
+        atol=1e-6,
+    )
 
 
 def test_respaced_ddpm_and_beta_variance():
@@ -184,16 +221,19 @@ def test_default_steps_never_exceed_the_schedule():
     assert len(seen) == 3 * 12
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"method": "euler"}, "valid: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"),
-    ({"method": "ddim", "steps": 0}, r"\[1, 1000\]"),
-    ({"method": "ddim", "steps": 1001}, r"\[1, 1000\]"),
-    ({"method": "ddpm", "eta": 0.5}, "applies to method='ddim' only"),
-    ({"method": "ddim", "guidance_scale": 2.0}, "needs class labels"),
-    ({"method": "ddim", "spacing": "quadratic"}, "valid: trailing"),
-    ({"method": "ddpm", "variance": "learned"}, "valid: posterior, beta"),
-    ({"method": "ddim", "prediction_type": "score"}, "valid: epsilon"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "euler"}, "valid: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"),
+        ({"method": "ddim", "steps": 0}, r"\[1, 1000\]"),
+        ({"method": "ddim", "steps": 1001}, r"\[1, 1000\]"),
+        ({"method": "ddpm", "eta": 0.5}, "applies to method='ddim' only"),
+        ({"method": "ddim", "guidance_scale": 2.0}, "needs class labels"),
+        ({"method": "ddim", "spacing": "quadratic"}, "valid: trailing"),
+        ({"method": "ddpm", "variance": "learned"}, "valid: posterior, beta"),
+        ({"method": "ddim", "prediction_type": "score"}, "valid: epsilon"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     s = make_schedule("linear")
     with pytest.raises(ValueError, match=match):
@@ -233,6 +273,7 @@ def test_default_sampler_by_prediction_type_and_schedule():
 class PerStepNoise:
     """The reference for samplers._Noise: what sample() did before drawing ahead, one randn of the batch's
     shape on the CPU each time a step asks, copied to the device then."""
+
     def __init__(self, shape, count, *, generator, device):
         self.shape, self.generator, self.device = tuple(shape), generator, device
 
@@ -241,17 +282,25 @@ class PerStepNoise:
 
 
 @pytest.mark.parametrize("window_bytes", [None, 1900])  # all steps at once; two or three steps at a time
-@pytest.mark.parametrize("method, kwargs", [
-    ("ddpm", {"variance": "posterior"}), ("ddpm", {"variance": "beta", "steps": 13}),
-    ("ddim", {"eta": 0.5, "steps": 10}), ("ddim", {"eta": 1.0, "steps": 17}), ("ddim", {"eta": 0.0, "steps": 10}),
-    ("dpmpp_2m_sde", {"steps": 20}), ("dpmpp_2m", {"steps": 10}),
-])
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [
+        ("ddpm", {"variance": "posterior"}),
+        ("ddpm", {"variance": "beta", "steps": 13}),
+        ("ddim", {"eta": 0.5, "steps": 10}),
+        ("ddim", {"eta": 1.0, "steps": 17}),
+        ("ddim", {"eta": 0.0, "steps": 10}),
+        ("dpmpp_2m_sde", {"steps": 20}),
+        ("dpmpp_2m", {"steps": 10}),
+    ],
+)
 def test_noise_drawn_ahead_gives_the_images_of_per_step_draws(monkeypatch, method, kwargs, window_bytes):
     # A seed must give the same images bit for bit whether the noise is drawn ahead or as each step asks:
     # same numbers, same order, and the generator left where the per-step draws leave it (so the next
     # chunk of ddpm.sample.generate, drawn from the same generator, is unchanged too). 75 numbers per image:
     # not a multiple of 16, where one randn over all steps would give other numbers.
     from ddpm import samplers
+
     s = make_schedule("cosine", timesteps=60)
     mean, std = torch.linspace(-0.5, 0.5, 75).reshape(3, 5, 5), torch.linspace(0.1, 0.6, 75).reshape(3, 5, 5)
     oracle = GaussianDenoiser(s, mean, std)
@@ -271,6 +320,7 @@ def test_noise_drawn_ahead_gives_the_images_of_per_step_draws(monkeypatch, metho
 
 def test_noise_for_a_gpu_is_drawn_into_pinned_memory_and_copied_per_step(monkeypatch):
     from ddpm import samplers
+
     pinned, copies, empty = [], [], torch.empty
 
     def fake_empty(*args, pin_memory=False, **kwargs):  # pinning needs a CUDA driver: record it instead

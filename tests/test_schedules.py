@@ -111,20 +111,23 @@ def test_snr_and_round_trip():
     assert torch.equal(again.betas, s.betas) and again.params == s.params
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"name": "quad"}, "valid: linear, cosine, offset_cosine, sigmoid, scaled_linear"),
-    ({"name": "linear", "timesteps": 0}, "positive integer"),
-    ({"name": "linear", "timesteps": 2.5}, "positive integer"),
-    ({"name": "linear", "beta_end": 1.5}, "beta_start <= beta_end < 1"),
-    ({"name": "linear", "beta_start": 0.1, "beta_end": 0.01}, "beta_start <= beta_end"),
-    ({"name": "cosine", "max_beta": 1.0}, "max_beta"),
-    ({"name": "offset_cosine", "min_signal_rate": 0.99}, "min_signal_rate < max_signal_rate"),
-    ({"name": "linear", "s": 0.1}, "valid: beta_start, beta_end"),
-    ({"name": "sigmoid", "start": 3, "end": -3}, "start < end"),
-    ({"name": "sigmoid", "tau": 0}, "tau > 0"),
-    ({"name": "sigmoid", "max_beta": 1.0}, "max_beta"),
-    ({"name": "scaled_linear", "beta_start": 0.1, "beta_end": 0.01}, "beta_start <= beta_end"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"name": "quad"}, "valid: linear, cosine, offset_cosine, sigmoid, scaled_linear"),
+        ({"name": "linear", "timesteps": 0}, "positive integer"),
+        ({"name": "linear", "timesteps": 2.5}, "positive integer"),
+        ({"name": "linear", "beta_end": 1.5}, "beta_start <= beta_end < 1"),
+        ({"name": "linear", "beta_start": 0.1, "beta_end": 0.01}, "beta_start <= beta_end"),
+        ({"name": "cosine", "max_beta": 1.0}, "max_beta"),
+        ({"name": "offset_cosine", "min_signal_rate": 0.99}, "min_signal_rate < max_signal_rate"),
+        ({"name": "linear", "s": 0.1}, "valid: beta_start, beta_end"),
+        ({"name": "sigmoid", "start": 3, "end": -3}, "start < end"),
+        ({"name": "sigmoid", "tau": 0}, "tau > 0"),
+        ({"name": "sigmoid", "max_beta": 1.0}, "max_beta"),
+        ({"name": "scaled_linear", "beta_start": 0.1, "beta_end": 0.01}, "beta_start <= beta_end"),
+    ],
+)
 def test_bad_arguments_raise_with_what_is_valid(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_schedule(**kwargs)

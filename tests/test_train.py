@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from ddpm import checkpoint as ckpt
-from ddpm import diffusion
 from ddpm import config as C
+from ddpm import diffusion
 from ddpm import train as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,13 +45,25 @@ def sample_cli():
 
 def tiny(data, **overrides) -> C.RunConfig:
     """A 16 px, ~60k-parameter UNet on the 287 shared train-split flowers: a step takes milliseconds."""
-    base = {"image_size": 16, "model.base_channels": 16, "model.channel_mults": (1, 2), "model.groups": 8,
-            **data, "data.split": "train", "batch_size": 8, "max_steps": 6, "warmup_steps": 2, "log_every": 2,
-            "sample_every": 0, "checkpoint_every": 100}
+    base = {
+        "image_size": 16,
+        "model.base_channels": 16,
+        "model.channel_mults": (1, 2),
+        "model.groups": 8,
+        **data,
+        "data.split": "train",
+        "batch_size": 8,
+        "max_steps": 6,
+        "warmup_steps": 2,
+        "log_every": 2,
+        "sample_every": 0,
+        "checkpoint_every": 100,
+    }
     return C.preset("quick", **{**base, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- configs
+
 
 def test_config_json_round_trip_for_every_preset(tmp_path):
     for name in C.PRESETS:
@@ -65,28 +77,53 @@ def test_config_json_round_trip_for_every_preset(tmp_path):
 
 
 def test_overrides_parse_by_field_type():
-    cfg = C.apply_overrides(C.preset("quick"), C.parse_override_args([
-        "--train.lr", "2e-4", "--seed=7", "--compile", "false", "--conditional", "true", "--min-snr-gamma", "5",
-        "--image_size", "64", "--model.channel_mults", "1,2,2,4", "--schedule_params", '{"s": 0.01}',
-        "--model.num_classes", "none", "--data.root", "/data/x"]))
+    cfg = C.apply_overrides(
+        C.preset("quick"),
+        C.parse_override_args(
+            [
+                "--train.lr",
+                "2e-4",
+                "--seed=7",
+                "--compile",
+                "false",
+                "--conditional",
+                "true",
+                "--min-snr-gamma",
+                "5",
+                "--image_size",
+                "64",
+                "--model.channel_mults",
+                "1,2,2,4",
+                "--schedule_params",
+                '{"s": 0.01}',
+                "--model.num_classes",
+                "none",
+                "--data.root",
+                "/data/x",
+            ]
+        ),
+    )
     assert cfg.train.lr == 2e-4 and cfg.train.seed == 7 and cfg.train.compile is False and cfg.train.conditional
     assert cfg.diffusion.min_snr_gamma == 5.0 and cfg.diffusion.schedule_params == {"s": 0.01}
     assert cfg.model.image_size == cfg.data.image_size == 64  # the plain key sets both sections
     assert cfg.model.channel_mults == (1, 2, 2, 4) and cfg.model.num_classes is None and cfg.data.root == "/data/x"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train.lrr", "1"], r"(?s)unknown option --train.lrr \(did you mean --train.lr, .*train: batch_size, lr,"),
-    (["--nonsense", "1"], "(?s)unknown option --nonsense; valid options.*data: source, root"),
-    (["--compile", "yes"], "--train.compile 'yes': expected true or false"),
-    (["--lr", "fast"], "--train.lr 'fast': expected float"),
-    (["--lr"], "--lr needs a value"),
-    (["--precision", "fp8"], "precision='fp8'"),
-    (["--ema_warmup", "1"], r"ema_warmup=1.0 \(expected 0 \(none\) or > 1\)"),
-    (["--model.image_size", "16"], "model.image_size=16 but data.image_size=32"),
-    (["--timesteps", "10", "--sample_steps", "20"], "sample_steps=20 exceeds diffusion.timesteps=10"),
-    (["--min_snr_gamma", "5", "--loss_type", "huber"], "defined for loss_type='mse' only"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.lrr", "1"], r"(?s)unknown option --train.lrr \(did you mean --train.lr, .*train: batch_size, lr,"),
+        (["--nonsense", "1"], "(?s)unknown option --nonsense; valid options.*data: source, root"),
+        (["--compile", "yes"], "--train.compile 'yes': expected true or false"),
+        (["--lr", "fast"], "--train.lr 'fast': expected float"),
+        (["--lr"], "--lr needs a value"),
+        (["--precision", "fp8"], "precision='fp8'"),
+        (["--ema_warmup", "1"], r"ema_warmup=1.0 \(expected 0 \(none\) or > 1\)"),
+        (["--model.image_size", "16"], "model.image_size=16 but data.image_size=32"),
+        (["--timesteps", "10", "--sample_steps", "20"], "sample_steps=20 exceeds diffusion.timesteps=10"),
+        (["--min_snr_gamma", "5", "--loss_type", "huber"], "defined for loss_type='mse' only"),
+    ],
+)
 def test_bad_overrides_are_clear_errors(args, message):
     with pytest.raises(ValueError, match=message):
         C.apply_overrides(C.preset("quick"), C.parse_override_args(args))
@@ -126,6 +163,7 @@ def test_epochs_decide_the_steps_and_the_intervals():
 
 # ---------------------------------------------------------------------------------------------- resume
 
+
 def _assert_identical(a, b, where=""):
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
@@ -144,9 +182,20 @@ def _assert_identical(a, b, where=""):
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data):
     # Everything that draws random numbers or carries state: dropout, class dropout, grad accumulation,
     # warm-up + cosine decay, clipping, weight decay, EMA with a delayed start.
-    cfg = tiny(data, **{"model.dropout": 0.1, "conditional": True, "class_dropout": 0.5, "grad_accum": 2,
-                             "lr_decay": "cosine", "grad_clip": 0.5, "weight_decay": 0.01,
-                             "ema_update_after_step": 2, "ema_decay": 0.9})
+    cfg = tiny(
+        data,
+        **{
+            "model.dropout": 0.1,
+            "conditional": True,
+            "class_dropout": 0.5,
+            "grad_accum": 2,
+            "lr_decay": "cosine",
+            "grad_clip": 0.5,
+            "weight_decay": 0.01,
+            "ema_update_after_step": 2,
+            "ema_decay": 0.9,
+        },
+    )
     straight = T.train(cfg, out_dir=tmp_path / "straight", progress=False)
     first = T.train(cfg, out_dir=tmp_path / "split", progress=False, max_steps=3)
     assert first.step == 3 and ckpt.load_checkpoint(first.checkpoint)["step"] == 3
@@ -172,6 +221,7 @@ def test_a_run_in_epochs_logs_both_counts(tmp_path, data):
 
 
 # ---------------------------------------------------------------------------------------------- fp16
+
 
 def test_fp16_with_the_grad_scaler_lowers_the_loss(tmp_path, data):
     cfg = tiny(data, precision="fp16", max_steps=40, warmup_steps=5, log_every=10, lr=3e-3)
@@ -263,12 +313,25 @@ def test_exploding_weights_are_never_checkpointed(tmp_path, data):
 
 # ---------------------------------------------------------------------------------------------- quick preset, samples
 
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("quick")
     # the quick preset's model and settings, shortened: 30 steps of 8 images (the preset: 200 of 16)
-    cfg = C.preset("quick", **{**data, "max_steps": 30, "batch_size": 8, "warmup_steps": 10, "log_every": 3,
-                               "sample_every": 15, "checkpoint_every": 15, "sample_n": 4, "sample_steps": 4})
+    cfg = C.preset(
+        "quick",
+        **{
+            **data,
+            "max_steps": 30,
+            "batch_size": 8,
+            "warmup_steps": 10,
+            "log_every": 3,
+            "sample_every": 15,
+            "checkpoint_every": 15,
+            "sample_n": 4,
+            "sample_steps": 4,
+        },
+    )
     seen = []
     result = T.train(cfg, out_dir=out / "run", progress=False, callback=lambda step, info: seen.append(step))
     return result, seen
@@ -311,8 +374,21 @@ def test_load_model_returns_ema_or_live_weights(quick_run):
 
 def test_sample_cli_writes_a_grid_and_single_images(quick_run, tmp_path, sample_cli):
     result, _ = quick_run
-    args = ["--ckpt", str(result.run_dir), "--n", "5", "--method", "ddim", "--steps", "3", "--seed", "1",
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "--ckpt",
+        str(result.run_dir),
+        "--n",
+        "5",
+        "--method",
+        "ddim",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     grid, paths = sample_cli.main(args + ["--out", str(tmp_path / "grid.png")])
     assert grid.is_file() and [p.name for p in paths] == [f"{i:03d}.png" for i in range(5)]
     assert all(p.parent == tmp_path / "grid" for p in paths)
@@ -331,21 +407,31 @@ def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
 
     model, schedule, config = ckpt.load_model(quick_run[0].run_dir)
     # the config's schedule name picks the sampler, not the schedule passed in (the checkpoint's own)
-    for prediction_type, schedule_name, explicit in (("epsilon", "cosine", "dpmpp_2m_sde"),
-                                                     ("v_prediction", "cosine", "ddim"),
-                                                     ("v_prediction", "offset_cosine", "dpmpp_2m_sde")):
-        cfg = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, schedule=schedule_name,
-                                                                         prediction_type=prediction_type))
+    for prediction_type, schedule_name, explicit in (
+        ("epsilon", "cosine", "dpmpp_2m_sde"),
+        ("v_prediction", "cosine", "ddim"),
+        ("v_prediction", "offset_cosine", "dpmpp_2m_sde"),
+    ):
+        cfg = dataclasses.replace(
+            config,
+            diffusion=dataclasses.replace(config.diffusion, schedule=schedule_name, prediction_type=prediction_type),
+        )
         default = generate(model, schedule, cfg, n=2, seed=3, progress=False)
-        assert torch.equal(default, generate(model, schedule, cfg, n=2, method=explicit, steps=20, seed=3,
-                                             progress=False)), (prediction_type, schedule_name)
-    cfg = dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, schedule="cosine",
-                                                                     prediction_type="v_prediction"))
+        assert torch.equal(
+            default, generate(model, schedule, cfg, n=2, method=explicit, steps=20, seed=3, progress=False)
+        ), (prediction_type, schedule_name)
+    cfg = dataclasses.replace(
+        config, diffusion=dataclasses.replace(config.diffusion, schedule="cosine", prediction_type="v_prediction")
+    )
     # steps without a method keep the model's method; a named method keeps its own default steps
-    assert torch.equal(generate(model, schedule, cfg, n=2, steps=4, seed=3, progress=False),
-                       generate(model, schedule, cfg, n=2, method="ddim", steps=4, seed=3, progress=False))
-    assert torch.equal(generate(model, schedule, cfg, n=1, method="ddim", seed=3, progress=False),
-                       generate(model, schedule, cfg, n=1, method="ddim", steps=50, seed=3, progress=False))
+    assert torch.equal(
+        generate(model, schedule, cfg, n=2, steps=4, seed=3, progress=False),
+        generate(model, schedule, cfg, n=2, method="ddim", steps=4, seed=3, progress=False),
+    )
+    assert torch.equal(
+        generate(model, schedule, cfg, n=1, method="ddim", seed=3, progress=False),
+        generate(model, schedule, cfg, n=1, method="ddim", steps=50, seed=3, progress=False),
+    )
     assert C.preset("quick", **{"train.sample_method": "none"}).train.sample_method is None
     with pytest.raises(ValueError, match="sample_method"):
         C.preset("quick", **{"train.sample_method": "euler"})
@@ -353,14 +439,49 @@ def test_generate_without_a_method_uses_the_models_default_sampler(quick_run):
 
 def test_module_entry_points_run(quick_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "ddpm.train", "--preset", "flowers64", "--out", str(tmp_path),
-                          "--print-config", "--lr", "1e-4"], capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddpm.train",
+            "--preset",
+            "flowers64",
+            "--out",
+            str(tmp_path),
+            "--print-config",
+            "--lr",
+            "1e-4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["train"]["lr"] == 1e-4
     grid = tmp_path / "s.png"
-    out = subprocess.run([sys.executable, "-m", "ddpm.sample", "--ckpt", str(quick_run[0].checkpoint), "--n", "2",
-                          "--steps", "2", "--out", str(grid), "--device", "cpu", "--no-progress"],
-                         capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddpm.sample",
+            "--ckpt",
+            str(quick_run[0].checkpoint),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(grid),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert grid.is_file() and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["000.png", "001.png"]
 
@@ -373,7 +494,9 @@ def test_describe_device_says_what_each_device_gets(monkeypatch):
     assert "fp16 autocast + GradScaler" in t4 and "channels_last, F.group_norm" in t4 and "compile on" in t4
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "bf16" in T.describe_device(torch.device("cuda"), tc)
-    assert "compile off" in T.describe_device(torch.device("cuda"), C.preset("cpu64", **{"train.compile": "false"}).train)
+    assert "compile off" in T.describe_device(
+        torch.device("cuda"), C.preset("cpu64", **{"train.compile": "false"}).train
+    )
     mps = T.describe_device(torch.device("mps"), tc)
     assert "fp32" in mps and "NCHW" in mps and "compile off" in mps
     assert "fused GroupNorm" in T.describe_device(torch.device("cpu"), tc)

@@ -11,10 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm import ops
-from ddpm.unet import (Attention, UNet, UNetConfig, preferred_memory_format, set_norm_path, timestep_embedding,
-                       unet_preset)
 import ddpm.unet as unet_module
+from ddpm import ops
+from ddpm.unet import (
+    Attention,
+    UNet,
+    UNetConfig,
+    preferred_memory_format,
+    set_norm_path,
+    timestep_embedding,
+    unet_preset,
+)
 
 # Small enough for milliseconds per forward; same code path as the presets.
 TINY = {"base_channels": 16, "channel_mults": (1, 2), "num_res_blocks": 1, "groups": 4, "head_dim": 16}
@@ -63,7 +70,7 @@ def test_embedding_matches_closed_form():
         assert torch.allclose(row, torch.tensor(expected), atol=1e-4)
     assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # t = 0
     # max_period changes the frequencies: f_1 = max_period ** -1/4
-    assert torch.allclose(timestep_embedding(t, 8, max_period=16)[2, 1], torch.tensor(math.cos(10 * 16 ** -0.25)))
+    assert torch.allclose(timestep_embedding(t, 8, max_period=16)[2, 1], torch.tensor(math.cos(10 * 16**-0.25)))
 
 
 def test_embedding_rows_distinct_and_odd_dim():
@@ -189,8 +196,15 @@ def test_t_shapes():
 
 def test_attention_at_configured_resolutions():
     sizes = []
-    c = UNetConfig(image_size=32, base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=2, groups=4,
-                   head_dim=16, attention_resolutions=(16,))
+    c = UNetConfig(
+        image_size=32,
+        base_channels=16,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=2,
+        groups=4,
+        head_dim=16,
+        attention_resolutions=(16,),
+    )
     model = UNet(c)
     attn = [m for m in model.modules() if isinstance(m, Attention)]
     # 2 on the way down, 3 on the way up (num_res_blocks + 1), 1 in the middle
@@ -287,12 +301,16 @@ def norm_flags(model: UNet) -> list[bool]:
     return [m.fused_norm for m in model.modules() if isinstance(m, (unet_module.ResBlock, Attention, UNet))]
 
 
-@pytest.mark.parametrize("device,fused,memory_format", [
-    (torch.device("cpu"), True, torch.channels_last),
-    (torch.device("cuda", 0), False, torch.channels_last),
-    (torch.device("mps"), False, torch.contiguous_format),
-    ("mps", False, torch.contiguous_format),  # a device's name works too
-], ids=["cpu", "cuda", "mps", "mps-name"])
+@pytest.mark.parametrize(
+    "device,fused,memory_format",
+    [
+        (torch.device("cpu"), True, torch.channels_last),
+        (torch.device("cuda", 0), False, torch.channels_last),
+        (torch.device("mps"), False, torch.contiguous_format),
+        ("mps", False, torch.contiguous_format),  # a device's name works too
+    ],
+    ids=["cpu", "cuda", "mps", "mps-name"],
+)
 def test_norm_path_and_layout_by_device(device, fused, memory_format):
     model = UNet(tiny(), fused_norm=not fused)
     assert set_norm_path(model, device) is model  # chooses without moving the model: no such device needed
@@ -322,8 +340,10 @@ def test_norm_paths_same_outputs_and_gradients(memory_format):
     x, y = x.contiguous(memory_format=memory_format), torch.tensor([0, 3])
     outs, grads = [], []
     for model in (fused, plain):
-        with mock.patch.object(ops.GroupNormAct, "apply", wraps=ops.GroupNormAct.apply) as node, \
-                mock.patch.object(ops.GroupNormActConv, "apply", wraps=ops.GroupNormActConv.apply) as conv_node:
+        with (
+            mock.patch.object(ops.GroupNormAct, "apply", wraps=ops.GroupNormAct.apply) as node,
+            mock.patch.object(ops.GroupNormActConv, "apply", wraps=ops.GroupNormActConv.apply) as conv_node,
+        ):
             out = model(x, t, y)
         assert (node.call_count + conv_node.call_count > 0) == (model is fused)  # the path is the one asked for
         assert out.is_contiguous(memory_format=memory_format)
@@ -343,8 +363,10 @@ def test_fp16_autocast_close_to_fp32(fused):
     x, t = batch(c)
     with torch.no_grad():
         ref = model(x, t)
-        with torch.autocast("cpu", dtype=torch.float16), \
-                mock.patch.object(torch, "softmax", wraps=torch.softmax) as softmax:
+        with (
+            torch.autocast("cpu", dtype=torch.float16),
+            mock.patch.object(torch, "softmax", wraps=torch.softmax) as softmax,
+        ):
             out = model(x, t)
     # the attention's softmax runs in fp32 (here the CPU's matmul form; elsewhere SDPA's kernels do it inside)
     layers = sum(isinstance(m, Attention) for m in model.modules())
@@ -352,4 +374,3 @@ def test_fp16_autocast_close_to_fp32(fused):
     assert all(call.kwargs["dtype"] == torch.float32 for call in softmax.call_args_list)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).norm() / ref.norm() < 0.01  # measured 0.0015 (bf16: 0.012)
-

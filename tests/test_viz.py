@@ -26,7 +26,7 @@ def test_to_grid_maps_range_and_layout():
     # 2x2 tiles of 5 px with 1 px padding around each: 2 * (5 + 1) + 1 = 13
     assert grid.shape == (3, 13, 13)
     assert grid.min() == 0 and grid.max() == 1
-    assert torch.all(grid[:, 1:6, 1:6] == 0)   # image 0: -1 -> 0
+    assert torch.all(grid[:, 1:6, 1:6] == 0)  # image 0: -1 -> 0
     assert torch.all(grid[:, 1:6, 7:12] == 1)  # image 1: +1 -> 1
     assert torch.equal(viz.to_grid(x[1]), torch.ones(3, 5, 5))  # one image: itself, no padding
     u8 = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
@@ -111,8 +111,13 @@ def test_schedule_and_embedding_figures(tmp_path):
     x, y = snr_ax.lines[0].get_data()
     assert np.allclose(y, schedules[0].log_snr.numpy())
     fig.savefig(tmp_path / "schedules.png")
-    emb = torch.cat([torch.cos(torch.arange(10.0)[:, None] * torch.ones(4)),
-                     torch.sin(torch.arange(10.0)[:, None] * torch.ones(4))], 1)
+    emb = torch.cat(
+        [
+            torch.cos(torch.arange(10.0)[:, None] * torch.ones(4)),
+            torch.sin(torch.arange(10.0)[:, None] * torch.ones(4)),
+        ],
+        1,
+    )
     fig = viz.embedding_figure(emb, timesteps=torch.arange(10))
     assert fig.axes[0].images[0].get_array().shape == (10, 8)
 
@@ -165,8 +170,16 @@ def test_recorder_with_a_sampler_strip_and_gif(tmp_path):
     schedule = make_schedule("cosine", 100)
     model = GaussianDenoiser(schedule, torch.zeros(3, 8, 8), torch.full((3, 8, 8), 0.5))
     rec = viz.TrajectoryRecorder(every=4, keep=2)
-    out = sample(model, schedule, (3, 3, 8, 8), method="ddim", steps=10, callback=rec, progress=False,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model,
+        schedule,
+        (3, 3, 8, 8),
+        method="ddim",
+        steps=10,
+        callback=rec,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert rec.timesteps[0] == 99 and len(rec) == 4  # steps 0, 4, 8 and the last, 9
     assert torch.allclose(rec.x0[-1], out[:2])  # the last x_0 prediction is the sample
     fig = viz.denoising_strip(rec, max_columns=3)
@@ -226,13 +239,18 @@ def test_generate_panel_starts_each_checkpoint_on_its_default_sampler():
 
             class diffusion:
                 pass
+
         Cfg.diffusion.prediction_type, Cfg.diffusion.schedule = prediction_type, schedule
         return Cfg
 
-    configs = {"v": config("v_prediction", "cosine"), "eps": config("epsilon", "cosine"),
-               "v-offset": config("v_prediction", "offset_cosine")}
-    panel = viz.GeneratePanel({name: name for name in configs}, load=lambda p: ("model", None, configs[p]),
-                              generate=None)
+    configs = {
+        "v": config("v_prediction", "cosine"),
+        "eps": config("epsilon", "cosine"),
+        "v-offset": config("v_prediction", "offset_cosine"),
+    }
+    panel = viz.GeneratePanel(
+        {name: name for name in configs}, load=lambda p: ("model", None, configs[p]), generate=None
+    )
     assert panel.default_sampler("v") == ("ddim", 20) and panel.default_sampler("eps") == ("dpmpp_2m_sde", 20)
     assert panel.default_sampler("v-offset") == ("dpmpp_2m_sde", 20)
     pytest.importorskip("ipywidgets")
@@ -276,23 +294,46 @@ def test_generate_panel_driven_through_its_widgets_saves_grid_images_and_zip(tmp
 
     calls = []
 
-    def generate(model, schedule, config, *, n, method, steps, seed, progress, class_label=None,
-                 guidance_scale=1.0, callback=None):
-        calls.append({"n": n, "method": method, "steps": steps, "seed": seed, "class_label": class_label,
-                      "guidance_scale": guidance_scale})
+    def generate(
+        model,
+        schedule,
+        config,
+        *,
+        n,
+        method,
+        steps,
+        seed,
+        progress,
+        class_label=None,
+        guidance_scale=1.0,
+        callback=None,
+    ):
+        calls.append(
+            {
+                "n": n,
+                "method": method,
+                "steps": steps,
+                "seed": seed,
+                "class_label": class_label,
+                "guidance_scale": guidance_scale,
+            }
+        )
         for i in range(steps):
             callback(i, None, None, None)
         return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
-    panel = viz.GeneratePanel({"flowers": tmp_path / "m.pt"}, load=lambda p: ("m", make_schedule("linear", 50), Cfg),
-                              generate=generate, save_dir=tmp_path / "out")
+    panel = viz.GeneratePanel(
+        {"flowers": tmp_path / "m.pt"},
+        load=lambda p: ("m", make_schedule("linear", 50), Cfg),
+        generate=generate,
+        save_dir=tmp_path / "out",
+    )
     c = panel.widget.controls
     assert c["method"].value == "dpmpp_2m_sde" and c["save"].disabled  # the model's own sampler; nothing to save
     assert c["label"].options[0] == ("0: pink primrose", 0)  # a class picker by flower name
     c["n"].value, c["steps"].value, c["seed"].value, c["label"].value, c["guidance"].value = 5, 7, 3, 2, 2.5
     c["button"].click()
-    assert calls == [{"n": 5, "method": "dpmpp_2m_sde", "steps": 7, "seed": 3, "class_label": 2,
-                      "guidance_scale": 2.5}]
+    assert calls == [{"n": 5, "method": "dpmpp_2m_sde", "steps": 7, "seed": 3, "class_label": 2, "guidance_scale": 2.5}]
     assert c["bar"].value == 7 and not c["save"].disabled
     c["save"].click()
     folder = tmp_path / "out" / "flowers_dpmpp_2m_sde_7steps_seed3_n5_class2_guidance2.5"

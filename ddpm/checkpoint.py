@@ -750,18 +750,21 @@ def export_weights(src, dst, *, dtype: torch.dtype = torch.float16, note: str = 
     check_run_state(state, src)
     if state.get("weights") == "ema":
         raise CheckpointError(f"{src} is already an exported model; export from a run folder or its checkpoints")
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state["ema"]["shadow"].items()}
-    export = {
+    return save_checkpoint(dst, exported(state["ema"]["shadow"], state["config"], int(state["step"]), dtype, note))
+
+
+def exported(weights: dict, config: dict, step: int, dtype: torch.dtype = torch.float16, note: str = "") -> dict:
+    """The export format: averaged weights in `dtype` with the config and step, nothing else (load_model reads it)."""
+    return {
         "format": 1,
         "version": package_version(),
         "weights": "ema",
         "dtype": str(dtype).replace("torch.", ""),
-        "step": int(state["step"]),
-        "config": state["config"],
-        "model": weights,
+        "step": step,
+        "config": config,
+        "model": {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()},
         "note": note,
     }
-    return save_checkpoint(dst, export)
 
 
 # ---------------------------------------------------------------------------------------------- command lines

@@ -88,6 +88,9 @@ class TrainConfig:
     sample_guidance_scale: float = 1.0
     checkpoint_every: int = 2000  # steps
     checkpoint_every_epochs: float | None = None  # when set, decides checkpoint_every
+    eval_every: int = 0  # steps between FID/KID evaluations of the EMA model (0 = never); best.pt
+    eval_n: int = 256  # generated images per evaluation (FID is biased upward at small counts)
+    eval_num_real: int | None = None  # training images scored against (None = all)
     keep_last: int = 3  # step_XXXXXXX.pt files kept (0 = all)
     conditional: bool = False  # class-conditional (Flowers102 labels); num_classes from the data
     class_dropout: float = 0.1  # share of labels replaced by the null class (classifier-free guidance)
@@ -108,6 +111,8 @@ class TrainConfig:
             "ema_warmup": (self.ema_warmup == 0 or self.ema_warmup > 1, "0 (none) or > 1"),
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
             "sample_every": (self.sample_every >= 0, ">= 0 (0 = never)"),
+            "eval_every": (self.eval_every >= 0, ">= 0 (0 = never)"),
+            "eval_n": (self.eval_n >= 2, ">= 2 (KID needs two images)"),
         }
         positive = (
             "batch_size",

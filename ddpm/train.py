@@ -237,6 +237,7 @@ def train(
     max_steps: int | None = None,
     callback=None,
     progress: bool = True,
+    evaluator=None,
 ) -> TrainResult:
     """Train `config`, writing checkpoints, samples and logs to `out_dir`.
 
@@ -247,6 +248,8 @@ def train(
                The LR schedule still follows the config, so stopping early and resuming changes nothing.
     callback:  callback(step, info) on each log step (rank 0): info is the loss-log row plus "run_dir"
                (e.g. ddpm.viz.TrainingMonitor()).
+    evaluator: for train.eval_every, a ddpm.metrics.FIDEvaluator of the real images to use (default: one
+               built on the training images at the first evaluation).
     Under torchrun (WORLD_SIZE > 1) this runs DDP; only rank 0 writes files.
     """
     d, device = setup_dist(config.train.device, timeout_s=config.train.dist_timeout_s)
@@ -259,6 +262,7 @@ def train(
             device=device,
             callback=callback,
             progress=progress,
+            evaluator=evaluator,
         )
         loop.start(resume)
         return loop.run(max_steps)
@@ -273,7 +277,15 @@ class TrainLoop:
     """One training run, as improved-diffusion's TrainLoop: start() builds or resumes, run() steps."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, *, d: DistInfo, device: torch.device, callback=None, progress: bool = True
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        *,
+        d: DistInfo,
+        device: torch.device,
+        callback=None,
+        progress: bool = True,
+        evaluator=None,
     ):
         if cfg.data.source == "folder" and cfg.data.root is None:
             raise ConfigError("data.source='folder' needs the image folder: pass --data-root PATH (data.root)")
@@ -282,6 +294,7 @@ class TrainLoop:
         self.per_rank = check_batch_split(cfg.train, d.world_size)
         self.log_path, self.plot_path = run_dir / "log.jsonl", run_dir / "loss.png"
         self.step, self.history, self.samples = 0, [], []
+        self.evaluator = evaluator  # a ddpm.metrics.FIDEvaluator; None: built at the first evaluation
         self.compile_s = None
 
     # -- build and resume
@@ -296,6 +309,7 @@ class TrainLoop:
         if state is not None:
             _check_resumable(state["config"], self.cfg, path)
         self._build(dataset)
+        self.dataset = dataset  # the real images of the FID evaluations
         if state is not None:
             self._restore(state)
         elif self.d.enabled:
@@ -429,8 +443,9 @@ class TrainLoop:
                 bar.update(1)
                 do_ckpt = self.step % tc.checkpoint_every == 0 or self.step == stop
                 do_sample = tc.sample_every > 0 and (self.step % tc.sample_every == 0 or self.step == stop)
-                if self.step % tc.log_every == 0 or do_ckpt or do_sample:
-                    self._log(bar)
+                do_eval = tc.eval_every > 0 and (self.step % tc.eval_every == 0 or self.step == stop)
+                if self.step % tc.log_every == 0 or do_ckpt or do_sample or do_eval:
+                    self._log(bar, self.evaluate() if do_eval and self.d.main else {})
                     self._save_and_sample(do_ckpt, do_sample)
         finally:
             bar.close()
@@ -530,7 +545,7 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
 
-    def _log(self, bar) -> None:
+    def _log(self, bar, scores: dict) -> None:
         """Sync point: the loss averaged over the steps since the last one (and over ranks), one log row."""
         d, tc = self.d, self.cfg.train
         stats = torch.stack([self.loss_sum.float(), self.grad_norm.float().reshape(()), self.skipped.float()])
@@ -545,6 +560,7 @@ class TrainLoop:
                 f"{ckpt.find_latest(self.run_dir)}. Lower train.lr, set train.grad_clip, or use precision=fp32."
             )
         now = time.perf_counter()
+        trained_s = now - self.last_sync_time - scores.get("eval_s", 0.0)  # images/s counts training only
         n_steps = self.step - self.last_sync_step
         row = {
             "step": self.step,
@@ -552,10 +568,11 @@ class TrainLoop:
             "loss": stats[0].item() / n_steps,
             "lr": lr_at(self.step - 1, tc),
             "grad_norm": stats[1].item() if tc.grad_clip > 0 else None,
-            "images_per_s": n_steps * tc.batch_size / max(now - self.last_sync_time, 1e-9),
+            "images_per_s": n_steps * tc.batch_size / max(trained_s, 1e-9),
             "elapsed_s": self.elapsed_before + now - self.start_time,
             "cpu_s": self.cpu_before + time.process_time() - self.start_cpu,
-        }  # the cost on a shared machine
+            **scores,  # fid, kid, eval_s at evaluation steps
+        }  # cpu_s: the cost on a shared machine
         if self.scaler.is_enabled():
             row.update(skipped_steps=int(stats[2].item()), loss_scale=self.scaler.get_scale())
         if self.compile_s is not None and use_compile(tc, self.device) and len(self.history) == 0:
@@ -575,6 +592,25 @@ class TrainLoop:
             )
             if self.callback is not None:
                 self.callback(self.step, {**row, "run_dir": self.run_dir})
+
+    def evaluate(self) -> dict:
+        """FID and KID of train.eval_n EMA samples (the model's default sampler, the run's seed) against the
+        training images, with ddpm.metrics; the best by FID so far is kept as run_dir/best.pt (EMA weights)."""
+        from .metrics import FIDEvaluator
+
+        tc, start = self.cfg.train, time.perf_counter()
+        if self.evaluator is None:  # Inception and the real features (cached on disk), once per run
+            self.evaluator = FIDEvaluator(self.dataset, num_real=tc.eval_num_real, device=self.device)
+        with self.ema.swapped_in():
+            images = generate(self.raw_model, self.schedule, self.cfg, n=tc.eval_n, seed=tc.seed,
+                              precision=tc.precision, progress=False)  # fmt: skip
+        scores = self.evaluator.score(images)
+        fid, kid = float(scores["fid"]), float(scores["kid_mean"])
+        if fid < min((r["fid"] for r in self.history if "fid" in r), default=math.inf):
+            note = f"best FID {fid:.2f} (KID {kid:.5f}) of {tc.eval_n} samples at step {self.step}"
+            state = ckpt.exported(self.ema.shadow_state_dict(), self.cfg.to_dict(), self.step, torch.float32, note)
+            ckpt.save_checkpoint(self.run_dir / "best.pt", state)
+        return {"fid": fid, "kid": kid, "eval_s": time.perf_counter() - start}
 
     def _save_and_sample(self, do_ckpt: bool, do_sample: bool) -> None:
         if do_ckpt:

@@ -238,9 +238,15 @@ def loss_figure(history, *, smooth: float | None = None, log: bool = True, title
         ax.plot(steps, _smooth(losses, smooth), lw=1.5, label=f"smoothed ({smooth:g})")
         if log and min(losses) > 0:
             ax.set_yscale("log")
-        ax.legend()
+        ax.legend(loc="upper left")
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(True, alpha=0.3)
+    scored = [(r["step"], r["fid"]) for r in history if isinstance(r, dict) and "fid" in r]
+    if scored:  # FID during training (train.eval_every), on its own axis
+        fid_ax = ax.twinx()
+        fid_ax.plot(*zip(*scored), "o-", color="C3", lw=1.5, label="FID (EMA samples)")
+        fid_ax.set_ylabel("FID")
+        fid_ax.legend(loc="upper right")
     return fig
 
 

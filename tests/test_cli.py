@@ -22,37 +22,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_cli import tiny_cli_args
 
 from ddpm import checkpoint as ckpt
 from ddpm.device import mps_available
 
 REPO = Path(__file__).resolve().parents[1]
 # A 16 px, ~60k-parameter UNet (as tests/test_train.py's tiny()): a step takes milliseconds.
-TINY = [
-    "--preset",
-    "quick",
-    "--image_size",
-    "16",
-    "--model.base_channels",
-    "16",
-    "--model.channel_mults",
-    "1,2",
-    "--model.groups",
-    "8",
-    "--batch_size",
-    "8",
-    "--max-steps",
-    "2",
-    "--warmup_steps",
-    "1",
-    "--log_every",
-    "1",
-    "--sample_every",
-    "0",
-    "--checkpoint_every",
-    "2",
-    "--no-progress",
-]
+TINY = tiny_cli_args("--max-steps", "2", "--warmup_steps", "1")
 UNAVAILABLE_DEVICE = "cuda" if not torch.cuda.is_available() else ("mps" if not mps_available() else None)
 
 RUNNER = textwrap.dedent("""

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tiny_cli import tiny_cli_args
 
 from ddpm import checkpoint as ckpt
 
@@ -30,36 +31,11 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and the faul
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
-TINY = [
-    "--preset",
-    "quick",
-    "--image_size",
-    "16",
-    "--model.base_channels",
-    "16",
-    "--model.channel_mults",
-    "1,2",
-    "--model.groups",
-    "8",
-    "--batch_size",
-    "8",
-    "--warmup_steps",
-    "2",
-    "--log_every",
-    "1",
-    "--sample_every",
-    "0",
-    "--checkpoint_every",
-    "2",
-    "--keep_last",
-    "0",
-    "--max-steps",
-    str(STEPS),
-    "--no-progress",
-    # dropout and class-free settings that draw random numbers: the resumed RNG state must be the right one
-    "--model.dropout",
-    "0.1",
-]
+TINY = tiny_cli_args(
+    "--warmup_steps", "2", "--keep_last", "0", "--max-steps", str(STEPS),
+    # dropout draws random numbers: the resumed RNG state must be the right one
+    "--model.dropout", "0.1",
+)  # fmt: skip
 
 WRAPPER = textwrap.dedent('''
     """python wrapper.py MODE N MARKER -- ARGS: ddpm.train.main(ARGS) with one fault planted at the Nth event.

@@ -508,3 +508,24 @@ def test_cudnn_benchmark_is_on_for_cuda_training_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     T.configure_backends(torch.device("cuda"))  # sets the flag only: no GPU needed
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_fid_during_training_is_logged_and_the_best_model_kept(tmp_path, data):
+    from test_metrics import TinyExtractor
+
+    from ddpm.metrics import FIDEvaluator
+
+    real = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    evaluator = FIDEvaluator(real, extractor=TinyExtractor(), cache_dir=None, kid_subsets=5)
+    cfg = tiny(data, max_steps=6, eval_every=3, eval_n=8, sample_steps=4, log_every=2)
+    result = T.train(cfg, out_dir=tmp_path, progress=False, evaluator=evaluator)
+    scored = [r for r in result.history if "fid" in r]
+    assert [r["step"] for r in scored] == [3, 6] and all(r["eval_s"] > 0 and r["kid"] == r["kid"] for r in scored)
+    best = min(scored, key=lambda r: r["fid"])
+    state = ckpt.load_checkpoint(tmp_path / "best.pt")
+    assert state["weights"] == "ema" and state["step"] == best["step"] and f"{best['fid']:.2f}" in state["note"]
+    model, _, _ = ckpt.load_model(tmp_path / "best.pt")  # loads like any model
+    assert ckpt.find_latest(tmp_path).name != "best.pt"  # never taken for the run's newest checkpoint
+    # an evaluation changes nothing the training draws: the same run without it ends on the same weights
+    plain = T.train(tiny(data, max_steps=6, log_every=2), out_dir=tmp_path / "plain", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), plain.model.state_dict().values()))

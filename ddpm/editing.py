@@ -369,6 +369,17 @@ def repaint_path(steps: int, *, jump_length: int = 1, resample: int = 0) -> list
     return path
 
 
+def _checked_mask(mask, image: torch.Tensor) -> torch.Tensor:
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    try:
+        torch.broadcast_shapes(mask.shape, image.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to image {tuple(image.shape)}"
+        ) from None
+    return mask
+
+
 def inpaint(
     model,
     schedule: NoiseSchedule,
@@ -409,13 +420,7 @@ def inpaint(
     """
     if method not in INPAINT_METHODS:
         raise ValueError(f"inpaint works with method {' or '.join(INPAINT_METHODS)}, got {method!r}")
-    mask = torch.as_tensor(mask, dtype=torch.float32)
-    try:
-        torch.broadcast_shapes(mask.shape, image.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to image {tuple(image.shape)}"
-        ) from None
+    mask = _checked_mask(mask, image)
     batch, device = image.shape[0], samplers._model_device(model)
     y = _labels(model, y, batch)
     samplers._check_args(model, schedule, method, eta, variance, y, guidance_scale, batch, prediction_type)
@@ -431,6 +436,19 @@ def inpaint(
     def noise():  # drawn on the generator's device (the CPU by default), as the samplers do
         return torch.randn(image.shape, generator=generator, device=generator.device if generator else "cpu").to(device)
 
+    def step(x, t, abar_t, abar_next):  # the sampler's step for the unknown pixels, and its x0 guess
+        t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
+        out = samplers._guided_output(model, x, t_batch, y, guidance_scale, null_class)
+        x0 = predict_x0(schedule, x, t_batch, out, prediction_type)
+        x0 = x0.clamp(-1, 1) if clip_denoised else x0
+        if method == "ddpm":
+            return samplers._ddpm_step(x, x0, abar_t, abar_next, variance=variance, noise=noise), x0
+        if clip_denoised:  # the eps that agrees with the clipped x0
+            eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
+        else:
+            eps = predict_epsilon(schedule, x, t_batch, out, prediction_type)
+        return samplers._ddim_step(x0, eps, abar_t, abar_next, eta=eta, noise=noise), x0
+
     path = repaint_path(steps, jump_length=jump_length, resample=resample)
     x, evaluations = noise(), 0
     with _eval_inference(model):
@@ -439,23 +457,10 @@ def inpaint(
                 x = math.sqrt(abar[q] / abar[p]) * x + math.sqrt(1 - abar[q] / abar[p]) * noise()
                 continue
             t, t_next, abar_t, abar_next = pairs[p]
-            t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
-            out = samplers._guided_output(model, x, t_batch, y, guidance_scale, null_class)
-            x0 = predict_x0(schedule, x, t_batch, out, prediction_type)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
+            unknown, x0 = step(x, t, abar_t, abar_next)
             if callback is not None:
                 callback(evaluations, t, x, x0)
             evaluations += 1
-            if method == "ddpm":
-                unknown = samplers._ddpm_step(x, x0, abar_t, abar_next, variance=variance, noise=noise)
-            else:
-                eps = (
-                    predict_epsilon(schedule, x, t_batch, out, prediction_type)
-                    if not clip_denoised
-                    else (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)
-                )
-                unknown = samplers._ddim_step(x0, eps, abar_t, abar_next, eta=eta, noise=noise)
             known = image if t_next < 0 else schedule.add_noise(image, noise(), torch.full((batch,), t_next))
             x = mask * known + (1 - mask) * unknown
     return x.clamp(-1, 1) if clip_denoised else x

@@ -34,12 +34,13 @@ import argparse
 import json
 import time
 
-import common  # noqa: F401  (importing it puts the repo on sys.path)
 import torch
 import torch.nn.functional as F
+from common import run  # (importing common puts the repo on sys.path)
 from torch import nn
 from train_throughput import conv_gflop, time_it
 
+from ddpm.checkpoint import UsageParser
 from ddpm.device import get_device, keep_freed_memory, saved_tensor_bytes
 from ddpm.ops import GroupNormActConv, gn_backward, gn_forward, group_norm_act
 
@@ -382,7 +383,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--only", default=",".join(COMPARISONS), help=f"comma-separated subset of {COMPARISONS}")
     p.add_argument("--batch-size", type=int, default=32)
@@ -436,4 +437,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

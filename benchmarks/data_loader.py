@@ -14,7 +14,6 @@ of a step spent waiting for data if nothing overlapped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -22,8 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import default_data_root  # noqa: E402  (importing common puts the repo on sys.path)
+from common import default_data_root, run  # noqa: E402  (importing common puts the repo on sys.path)
 
+from ddpm.checkpoint import UsageParser
 from ddpm.data import BatchStream, load_dataset  # noqa: E402
 from ddpm.device import get_device, keep_freed_memory, synchronize  # noqa: E402
 
@@ -77,7 +77,7 @@ def time_train_step(image_size: int, stream: BatchStream, n: int, device: torch.
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = UsageParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--data-root", default=default_data_root(), help="Flowers102 root (holds flowers-102/) or an image folder"
     )
@@ -160,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 
 import torch
-from common import default_data_root  # noqa: E402  (importing common puts the repo on sys.path)
+from common import default_data_root, run  # noqa: E402  (importing common puts the repo on sys.path)
 
+from ddpm.checkpoint import UsageError, UsageParser
 from ddpm.data import load_dataset  # noqa: E402
 from ddpm.device import get_device, synchronize  # noqa: E402
 from ddpm.metrics import FIDEvaluator, extract_features, fid_kid_from_features, format_protocol, load_inception  # noqa: E402,E501
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--data-root", default=default_data_root(), help="Flowers102 root (default: $DATA_ROOT or the shared copy)"
     )
@@ -48,7 +48,7 @@ def main() -> None:
 
     data = load_dataset("flowers102", args.data_root, image_size=args.image_size, split="all")
     if len(data) < 2 * n:
-        sys.exit(f"--num-images {n} needs {2 * n} images (real + generated), the dataset has {len(data)}")
+        raise UsageError(f"--num-images {n} needs {2 * n} images (real + generated), the dataset has {len(data)}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     real, generated = data.images[order[:n]], data.images[order[n : 2 * n]]
 
@@ -115,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

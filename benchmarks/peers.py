@@ -32,11 +32,12 @@ import subprocess
 import sys
 from importlib.metadata import version
 
-import common  # noqa: F401  (importing it puts the repo on sys.path)
 import torch
+from common import run  # (importing common puts the repo on sys.path)
 from torch import nn
 from train_throughput import forward_flops, peak_rss_mb, peak_shape, time_training, training_step
 
+from ddpm.checkpoint import UsageError, UsageParser
 from ddpm.device import get_device, keep_freed_memory
 
 PEERS = {"lucidrains": "denoising-diffusion-pytorch", "diffusers": "diffusers"}  # name -> pip package
@@ -119,7 +120,7 @@ def run_config(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = UsageParser(description=__doc__.split("\n")[0])
     p.add_argument("--peers", default="lucidrains,diffusers", help=f"comma-separated, from {','.join(PEERS)}")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--sizes", default="64,128", help="comma-separated image sizes")
@@ -144,7 +145,7 @@ def main() -> None:
     device = get_device(None if args.device == "auto" else args.device)
     peers = args.peers.split(",")
     if unknown := set(peers) - set(PEERS):
-        sys.exit(f"unknown peer(s) {sorted(unknown)}; valid: {', '.join(PEERS)}")
+        raise UsageError(f"unknown peer(s) {sorted(unknown)}; valid: {', '.join(PEERS)}")
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     layouts = ["on", "off"] if args.channels_last == "both" else [args.channels_last]
 
@@ -233,4 +234,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, default_data_root  # (importing common puts the repo on sys.path)
+from common import REPO, default_data_root, run  # (importing common puts the repo on sys.path)
 
 from ddpm import get_device
-from ddpm.checkpoint import load_checkpoint, load_model, model_from_state
+from ddpm.checkpoint import UsageError, UsageParser, load_checkpoint, load_model, model_from_state
 from ddpm.config import PRESETS, apply_overrides, preset
 from ddpm.data import load_dataset
 from ddpm.device import keep_freed_memory
@@ -68,7 +68,7 @@ def parse_sampler(spec: str) -> tuple[str, int, str | None]:
         or not parts[1].isdigit()
         or (len(parts) == 3 and parts[2] not in SPACINGS)
     ):
-        raise SystemExit(
+        raise UsageError(
             f"--samplers: bad entry {spec!r}; want method:steps[:spacing] with method in "
             f"{', '.join(METHODS)} and spacing in {', '.join(SPACINGS)}"
         )
@@ -76,7 +76,7 @@ def parse_sampler(spec: str) -> tuple[str, int, str | None]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--preset",
         default="folder32",
@@ -144,7 +144,7 @@ def main() -> None:
         print(f"scoring {args.checkpoint} (step {steps}, {args.weights} weights), seed {args.seed}")
     else:
         if out.exists() and any(out.glob("*.pt")):
-            raise SystemExit(f"{out} already holds a run; pass another --out, delete it, or score it with --checkpoint")
+            raise UsageError(f"{out} already holds a run; pass another --out, delete it, or score it with --checkpoint")
         print(
             f"training {args.preset} on {args.data_root} for {args.cpu_minutes:g} CPU-minutes "
             f"({get_device(args.device)})"
@@ -235,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

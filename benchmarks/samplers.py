@@ -15,10 +15,11 @@ import argparse
 import json
 import time
 
-import common  # noqa: F401  (importing it puts the repo on sys.path)
 import torch
+from common import run  # (importing common puts the repo on sys.path)
 
 from ddpm import DEFAULT_STEPS, GaussianDenoiser, gaussian_errors, get_device, make_schedule
+from ddpm.checkpoint import UsageParser
 from ddpm.device import autocast
 from ddpm.samplers import METHODS, sample
 
@@ -100,7 +101,7 @@ def latency(size: int, device: torch.device, batch: int, repeats: int) -> list[d
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "offset_cosine"])
     p.add_argument("--n", type=int, default=20000, help="samples per oracle run")
     p.add_argument("--nfe", default="10,20,50,100,1000")
@@ -146,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -33,6 +33,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from common import run  # noqa: E402
+
+from ddpm.checkpoint import UsageParser  # noqa: E402
 from ddpm.device import get_device, keep_freed_memory, synchronize  # noqa: E402
 
 # 32 and 64 px at the batch their presets train with (folder32, flowers64); 128 px at 16, the batch of the
@@ -445,7 +448,7 @@ def print_conv_shapes(r: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = UsageParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--sizes", default="32,64,128", help="comma-separated preset image sizes")
     p.add_argument("--variant", default="attention", choices=("simple", "attention"))
@@ -586,4 +589,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

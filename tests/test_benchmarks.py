@@ -281,3 +281,21 @@ def test_peers_time_any_network_with_the_step_ours_is_timed_with(monkeypatch):
 
     monkeypatch.setattr(peers, "build", missing)
     assert peers.run_config(args) == {"peer": "diffusers", "missing": "No module named 'diffusers'"}
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("quality_budget.py", ["--quick", "--samplers", "ddim:many"], "--samplers: bad entry 'ddim:many'"),
+        ("fid.py", ["--quick", "--weights", "/nonexistent/inception.pt"], "/nonexistent/inception.pt"),
+        ("samplers.py", ["--size", "thirty"], "--size"),
+    ],
+    ids=["bad-sampler", "no-inception-weights", "bad-argument"],
+)
+def test_benchmark_user_errors_are_one_line_with_status_2(script, args, message, tmp_path):
+    out = ["--out", str(tmp_path / "out")] if script == "quality_budget.py" else []
+    proc = start_benchmark(script, *args, *out)
+    # data warnings (the shared copy is partial) may come first; the error is the one last line
+    errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert message in errors[0] and proc.stderr.strip().endswith(errors[0]) and "Traceback" not in proc.stderr

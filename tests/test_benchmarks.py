@@ -287,13 +287,19 @@ def test_peers_time_any_network_with_the_step_ours_is_timed_with(monkeypatch):
     "script, args, message",
     [
         ("quality_budget.py", ["--quick", "--samplers", "ddim:many"], "--samplers: bad entry 'ddim:many'"),
-        ("fid.py", ["--quick", "--weights", "/nonexistent/inception.pt"], "/nonexistent/inception.pt"),
+        (
+            "fid.py",
+            ["--quick", "--data-root", "{flowers}", "--weights", "/nonexistent/inception.pt"],
+            "/nonexistent/inception.pt",
+        ),
         ("samplers.py", ["--size", "thirty"], "--size"),
     ],
     ids=["bad-sampler", "no-inception-weights", "bad-argument"],
 )
-def test_benchmark_user_errors_are_one_line_with_status_2(script, args, message, tmp_path):
+def test_benchmark_user_errors_are_one_line_with_status_2(script, args, message, tmp_path, flowers_root):
     out = ["--out", str(tmp_path / "out")] if script == "quality_budget.py" else []
+    # the data root explicitly: make test exports DATA_ROOT=data, which holds no Flowers102 in CI
+    args = [a.replace("{flowers}", str(flowers_root)) for a in args]
     proc = start_benchmark(script, *args, *out)
     # data warnings (the shared copy is partial) may come first; the error is the one last line
     errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_cli import tiny_cli_args
+from run_helpers import tiny_cli_args
 
 from ddpm import checkpoint as ckpt
 from ddpm.device import mps_available

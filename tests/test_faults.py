@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 from PIL import Image
-from tiny_cli import tiny_cli_args
+from run_helpers import assert_identical, tiny_cli_args
 
 from ddpm import checkpoint as ckpt
 
@@ -188,22 +187,7 @@ def _logged_steps(run: Path) -> list[int]:
 def _assert_same_training_state(a: Path, b: Path) -> None:
     sa, sb = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
     for key in ("step", "model", "ema", "optimizer", "scaler", "rng", "data"):
-        _assert_equal(sa[key], sb[key], key)
-
-
-def _assert_equal(x, y, where: str) -> None:
-    if isinstance(x, torch.Tensor):
-        assert x.dtype == y.dtype and torch.equal(x, y), f"{where} differs"
-    elif isinstance(x, dict):
-        assert x.keys() == y.keys(), where
-        for k in x:
-            _assert_equal(x[k], y[k], f"{where}.{k}")
-    elif isinstance(x, (list, tuple)):
-        assert len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y)):
-            _assert_equal(u, v, f"{where}[{i}]")
-    else:
-        assert x == y, f"{where}: {x!r} != {y!r}"
+        assert_identical(sa[key], sb[key], key)
 
 
 def test_killed_at_any_moment_the_run_resumes_to_the_same_weights(setup):

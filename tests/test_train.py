@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from run_helpers import assert_identical
 
 from ddpm import checkpoint as ckpt
 from ddpm import config as C
@@ -164,21 +165,6 @@ def test_epochs_decide_the_steps_and_the_intervals():
 # ---------------------------------------------------------------------------------------------- resume
 
 
-def _assert_identical(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data):
     # Everything that draws random numbers or carries state: dropout, class dropout, grad accumulation,
     # warm-up + cosine decay, clipping, weight decay, EMA with a delayed start.
@@ -203,7 +189,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data):
     assert straight.step == resumed.step == 6
     a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
     for key in ("model", "ema", "optimizer", "rng", "data", "step"):
-        _assert_identical(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
     assert a["config"]["model"]["num_classes"] == 102  # conditional: the class count came from the data
     # the loss log of the resumed run continues the first one, row for row
     assert [r["step"] for r in resumed.history] == [2, 3, 4, 6]
@@ -240,7 +226,7 @@ def test_fp16_resume_is_bit_identical_scaler_included(tmp_path, data):
     resumed = T.train(cfg, out_dir=tmp_path / "split", resume=True, progress=False)
     a, b = ckpt.load_checkpoint(straight.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
     for key in ("model", "ema", "optimizer", "scaler", "rng", "data", "step"):
-        _assert_identical(a[key], b[key], key)
+        assert_identical(a[key], b[key], key)
     assert a["scaler"]  # a real scaler state, not an empty one
 
 
@@ -368,8 +354,8 @@ def test_load_model_returns_ema_or_live_weights(quick_run):
     live, _, _ = ckpt.load_model(result.checkpoint, use_ema=False)
     assert not model.training and config == result.config and schedule.timesteps == config.diffusion.timesteps
     state = ckpt.load_checkpoint(result.checkpoint)
-    _assert_identical(dict(model.state_dict()), dict(state["ema"]["shadow"]))
-    _assert_identical(dict(live.state_dict()), dict(state["model"]))
+    assert_identical(dict(model.state_dict()), dict(state["ema"]["shadow"]))
+    assert_identical(dict(live.state_dict()), dict(state["model"]))
 
 
 def test_sample_cli_writes_a_grid_and_single_images(quick_run, tmp_path, sample_cli):

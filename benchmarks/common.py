@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the repo on sys.path and the default data root."""
+"""What every benchmark script shares: the repo on sys.path, the default data root, error handling and the
+--samplers syntax."""
 
 import os
 import sys
@@ -24,3 +25,22 @@ def run(main) -> None:
 def default_data_root() -> str:
     """$DATA_ROOT, else the shared Flowers102 mini copy beside the checkout (../shared/data/flowers102-mini)."""
     return os.environ.get("DATA_ROOT") or str(REPO.parent / "shared" / "data" / "flowers102-mini")
+
+
+def parse_sampler(spec: str, option: str = "--samplers") -> tuple[str, int, str | None]:
+    """ "dpmpp_2m:20" or "dpmpp_2m:20:trailing" -> (method, steps, spacing or None for the method's own)."""
+    from ddpm.checkpoint import UsageError
+    from ddpm.samplers import METHODS, SPACINGS
+
+    parts = spec.strip().split(":")
+    if (
+        len(parts) not in (2, 3)
+        or parts[0] not in METHODS
+        or not parts[1].isdigit()
+        or (len(parts) == 3 and parts[2] not in SPACINGS)
+    ):
+        raise UsageError(
+            f"{option}: bad entry {spec!r}; want method:steps[:spacing] with method in "
+            f"{', '.join(METHODS)} and spacing in {', '.join(SPACINGS)}"
+        )
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else None

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, default_data_root, run  # (importing common puts the repo on sys.path)
+from common import REPO, default_data_root, parse_sampler, run  # (importing common puts the repo on sys.path)
 
 from ddpm import get_device
 from ddpm.checkpoint import UsageError, UsageParser, load_checkpoint, load_model, model_from_state
@@ -38,7 +38,7 @@ from ddpm.data import load_dataset
 from ddpm.device import keep_freed_memory
 from ddpm.metrics import FIDEvaluator
 from ddpm.sample import generate
-from ddpm.samplers import DEFAULT_SPACING, METHODS, SPACINGS
+from ddpm.samplers import DEFAULT_SPACING
 from ddpm.train import train
 from ddpm.viz import save_grid
 
@@ -57,22 +57,6 @@ def train_for_budget(config, out: Path, budget_s: float, chunk: int) -> tuple[in
             flush=True,
         )
     return step, time.process_time() - cpu0, time.perf_counter() - wall0
-
-
-def parse_sampler(spec: str) -> tuple[str, int, str | None]:
-    """ "dpmpp_2m:20" or "dpmpp_2m:20:trailing" -> (method, steps, spacing or None for the method's own)."""
-    parts = spec.strip().split(":")
-    if (
-        len(parts) not in (2, 3)
-        or parts[0] not in METHODS
-        or not parts[1].isdigit()
-        or (len(parts) == 3 and parts[2] not in SPACINGS)
-    ):
-        raise UsageError(
-            f"--samplers: bad entry {spec!r}; want method:steps[:spacing] with method in "
-            f"{', '.join(METHODS)} and spacing in {', '.join(SPACINGS)}"
-        )
-    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else None
 
 
 def main() -> None:
@@ -125,6 +109,7 @@ def main() -> None:
         "data.root": args.data_root,
         "train.device": args.device,
         "train.sample_every": 0,
+        "train.eval_every": 0,  # scored below, once, with more images
         "train.checkpoint_every": args.chunk,
         "train.keep_last": 1,
     }

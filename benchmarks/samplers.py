@@ -22,6 +22,7 @@ from ddpm import DEFAULT_STEPS, GaussianDenoiser, gaussian_errors, get_device, m
 from ddpm.checkpoint import UsageParser
 from ddpm.device import autocast
 from ddpm.samplers import METHODS, sample
+from ddpm.schedules import SCHEDULES
 
 
 def oracle_errors(schedule_name: str, n: int, nfes: list[int]) -> list[dict]:
@@ -102,7 +103,7 @@ def latency(size: int, device: torch.device, batch: int, repeats: int) -> list[d
 
 def main() -> None:
     p = UsageParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "offset_cosine"])
+    p.add_argument("--schedule", default="linear", choices=SCHEDULES)
     p.add_argument("--n", type=int, default=20000, help="samples per oracle run")
     p.add_argument("--nfe", default="10,20,50,100,1000")
     p.add_argument("--size", type=int, default=32, help="UNet preset for the latency table")

@@ -3,6 +3,8 @@
     python -m ddpm.sample --ckpt checkpoints/f64 --n 64 --seed 0 --out grid.png   # the model's default sampler
     python -m ddpm.sample --ckpt checkpoints/f64 --n 64 --method dpmpp_2m_sde --steps 20 --out grid.png
     # -> grid.png and grid/000.png ... grid/063.png
+    python -m ddpm.sample --ckpt checkpoints/cond32.pt --classes 53,72,16 --guidance-scale 2 --out classes.png
+    # class-conditional: one row per class -> classes.png, classes/, classes_labelled.png (rows named)
 
 --ckpt takes a checkpoint file or a run folder (its latest.pt). EMA weights are used unless --no-ema.
 The start noise comes from a CPU generator seeded by --seed, so a seed gives the same images on any device.
@@ -10,6 +12,7 @@ The start noise comes from a CPU generator seeded by --seed, so a seed gives the
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import torch
 from . import samplers
 from .checkpoint import UsageError, UsageParser, exit_with_error, load_model
 from .device import PRECISIONS, autocast, get_device
-from .viz import save_grid
+from .viz import class_grid_figure, class_names, save_grid
 
 
 def generate(
@@ -32,7 +35,7 @@ def generate(
     spacing: str | None = None,
     eta: float = 0.0,
     seed: int = 0,
-    class_label: int | None = None,
+    class_label=None,
     guidance_scale: float = 1.0,
     batch_size: int | None = None,
     precision: str = "auto",
@@ -44,7 +47,8 @@ def generate(
     method:      a ddpm.samplers.METHODS entry; None: the model's own (ddpm.samplers.default_sampler), at its
                  steps unless `steps` says otherwise.
     spacing:     which training timesteps the steps visit (ddpm.samplers.set_timesteps); None: the method's own.
-    class_label: for a conditional model, the class of every image (None: classes 0, 1, 2, ... in turn).
+    class_label: for a conditional model, the class of every image (an int), of each image (n ints, e.g. one
+                 row per class), or None: classes 0, 1, 2, ... in turn (the training set's share of each).
     batch_size:  images per sampler call (default all n); the chunks draw from one generator in turn,
                  so the same (seed, batch_size) gives the same images.
     callback:    passed to ddpm.samplers.sample: callback(i, t, x_t, x0_pred) at every step of every chunk.
@@ -54,17 +58,7 @@ def generate(
     if method is None:
         method, default_steps = samplers.default_sampler(config.diffusion.prediction_type, config.diffusion.schedule)
         steps = default_steps if steps is None else steps
-    num_classes = config.model.num_classes
-    if class_label is not None and num_classes is None:
-        raise ValueError(f"class_label={class_label} needs a class-conditional model; this one is unconditional")
-    if class_label is not None and not 0 <= class_label < num_classes:
-        raise ValueError(f"class_label={class_label} is out of range: this model has classes 0..{num_classes - 1}")
-    if num_classes is None:
-        labels = None
-    elif class_label is None:
-        labels = torch.arange(n) % num_classes
-    else:
-        labels = torch.full((n,), class_label, dtype=torch.long)
+    labels = class_labels(class_label, n, config.model.num_classes)
     device = next(model.parameters()).device
     size = config.model.image_size
     generator = torch.Generator().manual_seed(seed)
@@ -94,6 +88,30 @@ def generate(
                 .cpu()
             )
     return torch.cat(chunks)
+
+
+def class_labels(class_label, n: int, num_classes: int | None) -> torch.Tensor | None:
+    """The n labels generate() conditions on (see its class_label), checked against the model's classes."""
+    if num_classes is None:
+        if class_label is not None:
+            raise ValueError(f"class_label={class_label} needs a class-conditional model; this one is unconditional")
+        return None
+    if class_label is None:
+        return torch.arange(n) % num_classes
+    labels = torch.as_tensor(class_label, dtype=torch.long).flatten()
+    if labels.numel() == 1:
+        labels = labels.expand(n).clone()
+    if labels.numel() != n:
+        raise ValueError(f"class_label has {labels.numel()} labels for n={n} images; give one, or one per image")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"class_label={class_label} is out of range: this model has classes 0..{num_classes - 1}")
+    return labels
+
+
+def class_rows(model, schedule, config, classes, *, per_class: int = 8, **kwargs) -> torch.Tensor:
+    """One row of `per_class` images for each class in `classes`, in that order (kwargs: as for generate)."""
+    labels = [c for c in classes for _ in range(per_class)]
+    return generate(model, schedule, config, n=len(labels), class_label=labels, **kwargs)
 
 
 def save_images(images: torch.Tensor, out, *, nrow: int | None = None) -> tuple[Path, list[Path]]:
@@ -139,6 +157,14 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
         default=None,
         help="class of every image (conditional models; default: classes in turn)",
     )
+    p.add_argument(
+        "--classes",
+        type=_class_list,
+        default=None,
+        help="conditional models: one row of --per-class images per class, e.g. 53,72,16; also writes the grid "
+        "with each row labelled by its flower name (OUT_labelled.png)",
+    )
+    p.add_argument("--per-class", type=int, default=8, help="images per row with --classes")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (memory); default all")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
@@ -154,29 +180,49 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
         _check_against_model(args, config)
     except UsageError as err:
         exit_with_error(err)
+    labels, nrow = args.class_label, args.nrow
+    if args.classes is not None:  # one row per class
+        labels, nrow = [c for c in args.classes for _ in range(args.per_class)], args.per_class
     images = generate(
         model,
         schedule,
         config,
-        n=args.n,
+        n=args.n if args.classes is None else len(labels),
         method=args.method,
         steps=args.steps,
         eta=args.eta,
         seed=args.seed,
-        class_label=args.class_label,
+        class_label=labels,
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         precision=args.precision,
         progress=not args.no_progress,
     )
-    grid, paths = save_images(images, args.out, nrow=args.nrow)
+    grid, paths = save_images(images, args.out, nrow=nrow)
     print(f"wrote {grid} and {len(paths)} images in {grid.with_suffix('')}/")
+    if args.classes is not None:
+        names = class_names(config.model.num_classes)
+        labelled = grid.with_name(f"{grid.stem}_labelled.png")
+        title = f"guidance {args.guidance_scale:g}, seed {args.seed}"
+        class_grid_figure(images, [f"{c}: {names[c]}" for c in args.classes], title=title).savefig(labelled, dpi=100)
+        print(f"wrote {labelled} (rows labelled by class)")
     return grid, paths
+
+
+def _class_list(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        message = f"{text!r} is not a comma-separated list of class numbers, e.g. 53,72,16"
+        raise argparse.ArgumentTypeError(message) from None
+    return classes
 
 
 def _check_args(args) -> None:
     """What can be checked before the model is loaded: counts, and where the images will go."""
-    for name in ("n", "steps", "batch_size", "nrow"):
+    if args.classes is not None and args.class_label is not None:
+        raise UsageError("--classes draws one row per class; --class-label gives all images one class: use one")
+    for name in ("n", "steps", "batch_size", "nrow", "per_class"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
@@ -212,15 +258,14 @@ def _check_against_model(args, config) -> None:
     method = args.method or samplers.default_sampler(config.diffusion.prediction_type, config.diffusion.schedule)[0]
     if args.eta != 0 and method != "ddim":
         raise UsageError(f"--eta {args.eta} applies to --method ddim only (the method here is {method})")
-    if (args.class_label is not None or args.guidance_scale != 1.0) and not conditional:
-        raise UsageError(
-            f"{'--class-label' if args.class_label is not None else '--guidance-scale'} needs a "
-            "class-conditional model; this one is unconditional (leave the option out)"
-        )
-    if args.class_label is not None and not 0 <= args.class_label < config.model.num_classes:
-        raise UsageError(
-            f"--class-label {args.class_label}: this model has classes 0 to {config.model.num_classes - 1}"
-        )
+    if args.guidance_scale != 1.0 and not conditional:
+        raise UsageError("--guidance-scale needs a class-conditional model; this one is unconditional (leave it out)")
+    for option, classes in (("--class-label", [args.class_label]), ("--classes", args.classes or [])):
+        if not conditional and any(c is not None for c in classes):
+            raise UsageError(f"{option} needs a class-conditional model; this one is unconditional")
+        bad = [c for c in classes if c is not None and not 0 <= c < config.model.num_classes]
+        if bad:
+            raise UsageError(f"{option} {bad[0]}: this model has classes 0 to {config.model.num_classes - 1}")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,30 @@ def grids_figure(
     return fig
 
 
+def class_grid_figure(
+    images: torch.Tensor, labels: list[str], *, size: float = 0.9, title: str | None = None
+) -> Figure:
+    """One row of images ([-1, 1]) per label, the label written left of its row: what sample.class_rows draws,
+    labelled with viz.class_names. `size`: inches per image."""
+    rows, padding = len(labels), 2
+    if rows == 0 or len(images) % rows:
+        raise ValueError(f"{len(images)} images do not make {rows} equal rows (one per label)")
+    per_row = len(images) // rows
+    grid = _grid_uint8(images, nrow=per_row, padding=padding)
+    pitch = (grid.shape[0] - padding) / rows  # make_grid: padding, then (image + padding) per row
+    fig = Figure(figsize=(size * per_row + 2.0, size * rows + (0.35 if title else 0.1)), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(_hwc(grid), interpolation="nearest")
+    ax.set_yticks([padding + (i + 0.5) * pitch - padding / 2 for i in range(rows)], labels, fontsize=9)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
 def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 2) -> Path:
     """Images in [-1, 1] as one PNG grid (one image with padding=0); returns the path. The one grid writer."""
     path = Path(path)
@@ -194,6 +218,23 @@ def line_plot(
     ax.grid(True, alpha=0.3)
     if series:
         ax.legend()
+    return fig
+
+
+def guidance_figure(rows: list[dict], *, title: str = "") -> Figure:
+    """FID and KID (with its spread) against the classifier-free guidance scale: the rows that
+    benchmarks/guidance.py writes ({"guidance_scale", "fid", "kid_mean", "kid_std"})."""
+    rows = sorted(rows, key=lambda r: r["guidance_scale"])
+    w = [r["guidance_scale"] for r in rows]
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    ax_fid, ax_kid = fig.subplots(1, 2)
+    ax_fid.plot(w, [r["fid"] for r in rows], marker="o")
+    ax_kid.errorbar(w, [r["kid_mean"] for r in rows], yerr=[r["kid_std"] for r in rows], marker="o", capsize=3)
+    for ax, name in ((ax_fid, "FID"), (ax_kid, "KID")):
+        ax.set(xlabel="guidance scale w (1 = none)", ylabel=f"{name} (lower is better)", xticks=w)
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
@@ -897,13 +938,19 @@ class GeneratePanel:
         _display()(self.widget)
 
 
-def class_options(num_classes: int) -> list[tuple[str, int]]:
-    """(label, class index) choices for a class picker: Flowers102's names for its 102 classes, else numbers."""
+def class_names(num_classes: int) -> list[str]:
+    """What to call each class: Flowers102's flower names for a 102-class model, else the numbers."""
     if num_classes == 102:
         from .data import flowers102_class_names
 
-        return [(f"{i}: {name}", i) for i, name in enumerate(flowers102_class_names())]
-    return [(str(i), i) for i in range(num_classes)]
+        return flowers102_class_names()
+    return [str(i) for i in range(num_classes)]
+
+
+def class_options(num_classes: int) -> list[tuple[str, int]]:
+    """(label, class index) choices for a class picker: "12: colt's foot" for Flowers102, else numbers."""
+    names = class_names(num_classes)
+    return [(f"{i}: {name}" if name != str(i) else name, i) for i, name in enumerate(names)]
 
 
 if __name__ == "__main__":

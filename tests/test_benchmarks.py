@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tiny_cli_args
 
 from ddpm.unet import UNet, unet_preset
 
@@ -190,6 +191,31 @@ def test_quality_budget_trains_the_preset_it_is_given(flowers_root, tmp_path):
     assert result["results"][0]["fid"] > 0
     bad = start_benchmark("quality_budget.py", "--preset", "flowers32")
     assert bad.returncode == 2 and "flowers64" in bad.stderr and "folder32" in bad.stderr
+
+
+def test_guidance_sweep_scores_each_scale_and_plots_them(flowers_root, tmp_path):
+    def tiny_run(out, *extra):
+        args = tiny_cli_args("--data-root", str(flowers_root), "--data.source", "flowers102", "--max-steps", "2")
+        subprocess.run([sys.executable, "-m", "ddpm.train", *args, *extra, "--out", str(out)], check=True, cwd=REPO)
+
+    tiny_run(tmp_path / "cond", "--train.conditional", "true", "--max-steps", "6", "--train.ema_decay", "0")
+    out = tmp_path / "sweep"
+    sweep = ["--num-images", "8", "--num-real", "16", "--sampler", "ddim:4", "--data-root", str(flowers_root)]
+    proc, result = run_benchmark("guidance.py", "--checkpoint", str(tmp_path / "cond"), "--scales", "1,3",
+                                 *sweep, "--out", str(out))  # fmt: skip
+    assert result["benchmark"] == "guidance" and result["num_generated"] == 8 and result["num_real"] == 16
+    assert result["sampler"] == {"method": "ddim", "steps": 4, "spacing": "trailing"}
+    rows = result["results"]
+    assert [r["guidance_scale"] for r in rows] == [1.0, 3.0] and all(r["fid"] > 0 for r in rows)
+    assert json.loads((out / "guidance.json").read_text()) == result
+    grids = [out / "samples_w1_seed0.png", out / "samples_w3_seed0.png"]
+    assert (out / "guidance.png").is_file() and grids[0].read_bytes() != grids[1].read_bytes()  # w was applied
+    # an unconditional model has nothing to guide: one error line before any sampling
+    tiny_run(tmp_path / "uncond")
+    bad = start_benchmark("guidance.py", "--checkpoint", str(tmp_path / "uncond"), *sweep, "--out", str(out))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("needs a class-conditional one")
+    bad = start_benchmark("guidance.py", "--checkpoint", str(tmp_path / "cond"), "--scales", "1,x")
+    assert bad.returncode == 2 and "--scales" in bad.stderr
 
 
 def test_alternatives_quick():

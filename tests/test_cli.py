@@ -371,6 +371,10 @@ SAMPLE_CASES = [
     ("--out under a file", ["--ckpt", "{good}", "--out", "{afile}/grid.png"], "cannot write there"),
     ("--class-label on an unconditional model", ["--ckpt", "{good}", "--class-label", "3"], "unconditional"),
     ("--eta without ddim", ["--ckpt", "{good}", "--eta", "0.5", "--method", "dpmpp_2m"], "ddim only"),
+    ("--classes on an unconditional model", ["--ckpt", "{good}", "--classes", "1,2"], "--classes needs a class-cond"),
+    ("--classes not numbers", ["--ckpt", "{good}", "--classes", "rose"], "not a comma-separated list of class"),
+    ("--classes with --class-label", ["--ckpt", "{good}", "--classes", "1", "--class-label", "1"], "use one"),
+    ("--per-class 0", ["--ckpt", "{good}", "--classes", "1", "--per-class", "0"], "--per-class 0: must be at least 1"),
 ]
 if UNAVAILABLE_DEVICE:
     SAMPLE_CASES.append(
@@ -392,6 +396,22 @@ def test_sample_refuses_bad_input_in_one_line(cli, place, bad_checkpoints, argv,
     assert_user_error(result, match)
     assert not grid.parent.exists()
     assert snapshot(place["good"]) == place["good_snapshot"]
+
+
+def test_sample_draws_one_labelled_row_per_class(cli, flowers_root, tmp_path):
+    run = tmp_path / "cond"
+    flowers = ["--data-root", flowers_root, "--data.source", "flowers102", "--train.conditional", "true"]
+    done = cli("ddpm.train", *tiny_cli_args(*flowers, "--max-steps", "2", "--out", run))
+    assert done.rc == 0, done.err
+    out = tmp_path / "classes.png"
+    draw = ["--ckpt", run, "--per-class", "3", "--steps", "2", "--device", "cpu", "--no-progress", "--out", out]
+    done = cli("ddpm.sample", *draw, "--classes", "5,101", "--guidance-scale", "2")
+    assert done.rc == 0, done.err
+    with Image.open(out) as grid:
+        assert grid.size == (3 * 18 + 2, 2 * 18 + 2)  # 3 per row, one row per class (16 px, padding 2)
+    assert len(list((tmp_path / "classes").glob("*.png"))) == 6 and (tmp_path / "classes_labelled.png").is_file()
+    assert "rows labelled by class" in done.out
+    assert_user_error(cli("ddpm.sample", *draw, "--classes", "5,102"), "--classes 102: this model has classes 0 to 101")
 
 
 # ---------------------------------------------------------------------------------------------- after all that

@@ -9,6 +9,7 @@ import torch
 
 from ddpm import editing
 from ddpm.oracle import GaussianDenoiser
+from ddpm.sample import class_rows, generate
 from ddpm.samplers import sample
 from ddpm.schedules import make_schedule
 from ddpm.unet import UNet, UNetConfig
@@ -190,6 +191,27 @@ def test_interpolate_between_classes_mixes_the_class_embeddings():
     assert not model.class_emb._forward_hooks  # the hook is gone afterwards
     with pytest.raises(ValueError, match="out of range"):
         editing.interpolate(model, s, config, classes=(0, 3))
+
+
+def test_class_rows_draw_one_row_per_class_in_the_order_given():
+    s = make_schedule("cosine")
+    model, config = tiny_unet(num_classes=3)
+    with torch.no_grad():
+        model.class_emb.weight.normal_(0, 1.0)
+    kw = dict(method="ddim", steps=4, seed=1, progress=False)
+    rows = class_rows(model, s, config, [2, 0], per_class=3, guidance_scale=2.0, **kw)
+    assert rows.shape == (6, 3, 8, 8)
+    # the same start noise with every label 2, then every label 0: the rows are those images' halves
+    all_two = generate(model, s, config, n=6, class_label=2, guidance_scale=2.0, **kw)
+    all_zero = generate(model, s, config, n=6, class_label=0, guidance_scale=2.0, **kw)
+    assert torch.equal(rows[:3], all_two[:3]) and torch.equal(rows[3:], all_zero[3:])
+    assert not torch.allclose(rows[:3], all_zero[:3], atol=1e-3)  # the label matters
+    with pytest.raises(ValueError, match="2 labels for n=6"):
+        generate(model, s, config, n=6, class_label=[0, 1], **kw)
+    with pytest.raises(ValueError, match="out of range"):
+        class_rows(model, s, config, [0, 3], per_class=1, **kw)
+    with pytest.raises(ValueError, match="unconditional"):
+        class_rows(tiny_unet()[0], s, tiny_unet()[1], [0], per_class=1, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- masks

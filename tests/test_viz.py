@@ -344,3 +344,30 @@ def test_generate_panel_driven_through_its_widgets_saves_grid_images_and_zip(tmp
         assert sorted(z.namelist()) == names
     with pytest.raises(RuntimeError, match="nothing generated"):
         viz.GeneratePanel({"a": 1}, load=None, generate=None).save()
+
+
+def test_class_grid_figure_names_each_row_at_its_centre():
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    fig = viz.class_grid_figure(images, ["rose", "lily"], title="w = 2")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["rose", "lily"]
+    # make_grid: 2 px padding, then (8 px image + 2 px) per row: the rows' centres are at 6 and 16
+    assert list(ax.get_yticks()) == pytest.approx([6, 16]) and ax.get_images()[0].get_array().shape[:2] == (22, 32)
+    with pytest.raises(ValueError, match="6 images do not make 4 equal rows"):
+        viz.class_grid_figure(images, list("abcd"))
+
+
+def test_guidance_figure_draws_fid_and_kid_against_the_weight():
+    rows = [
+        {"guidance_scale": 3.0, "fid": 40.0, "kid_mean": 0.02, "kid_std": 0.002},
+        {"guidance_scale": 1.0, "fid": 55.0, "kid_mean": 0.04, "kid_std": 0.003},
+    ]
+    fid_ax, kid_ax = viz.guidance_figure(rows, title="sweep").axes
+    assert list(fid_ax.lines[0].get_xdata()) == [1.0, 3.0] and list(fid_ax.lines[0].get_ydata()) == [55.0, 40.0]
+    assert list(kid_ax.lines[0].get_ydata()) == [0.04, 0.02] and "KID" in kid_ax.get_ylabel()
+
+
+def test_classes_are_named_by_flower_for_flowers102_and_numbered_otherwise():
+    assert viz.class_names(102)[:2] == ["pink primrose", "hard-leaved pocket orchid"]
+    assert viz.class_names(3) == ["0", "1", "2"]
+    assert viz.class_options(102)[53] == ("53: sunflower", 53) and viz.class_options(2) == [("0", 0), ("1", 1)]

@@ -68,6 +68,7 @@ class TrainConfig:
     warmup_steps: int = 500
     lr_decay: str = "none"  # LR_DECAYS: after warm-up, to min_lr_ratio * lr at max_steps
     min_lr_ratio: float = 0.1
+    decay_steps: int | None = None  # decay over the last N steps only, constant before (warmup-stable-decay)
     max_steps: int = 50_000
     epochs: float | None = None  # passes over the data; when set, it decides max_steps
     grad_clip: float = 1.0  # max global grad norm; 0 = off
@@ -88,7 +89,7 @@ class TrainConfig:
     sample_guidance_scale: float = 1.0
     checkpoint_every: int = 2000  # steps
     checkpoint_every_epochs: float | None = None  # when set, decides checkpoint_every
-    eval_every: int = 0  # steps between FID/KID evaluations of the EMA model (0 = never); best.pt
+    eval_every: int = 0  # steps between FID/KID evaluations of the EMA model (0 = never; the presets: < 10%); best.pt
     eval_n: int = 256  # generated images per evaluation (FID is biased upward at small counts)
     eval_num_real: int | None = None  # training images scored against (None = all)
     keep_last: int = 3  # step_XXXXXXX.pt files kept (0 = all)
@@ -101,6 +102,7 @@ class TrainConfig:
         checks = {
             "lr_decay": (self.lr_decay in LR_DECAYS, f"one of {LR_DECAYS}"),
             "min_lr_ratio": (0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1] (0: decay to zero)"),
+            "decay_steps": (self.decay_steps is None or self.decay_steps >= 1, ">= 1, or none (all steps)"),
             "precision": (self.precision in PRECISIONS, f"one of {PRECISIONS}"),
             "sample_method": (
                 self.sample_method is None or self.sample_method in samplers.METHODS,
@@ -251,9 +253,10 @@ def _folder32() -> RunConfig:
         data=DataConfig(source="folder", image_size=32),
         diffusion=_folder32_objective(),
         train=TrainConfig(
-            batch_size=64, lr=8e-4, max_steps=20_000, sample_every=1000, checkpoint_every=1000, ema_decay=0.999
+            batch_size=64, lr=8e-4, max_steps=20_000, sample_every=1000, checkpoint_every=1000, ema_decay=0.999,
+            eval_every=1000,  # one evaluation costs 4% of the 1,000 steps it follows (docs/quality.md)
         ),
-    )
+    )  # fmt: skip
 
 
 def _cpu64() -> RunConfig:
@@ -264,9 +267,10 @@ def _cpu64() -> RunConfig:
         data=DataConfig(image_size=64),
         diffusion=_folder32_objective(),
         train=TrainConfig(
-            batch_size=64, lr=8e-4, max_steps=2000, sample_every=250, checkpoint_every=250, keep_last=2, ema_decay=0.999
+            batch_size=64, lr=8e-4, max_steps=2000, sample_every=250, checkpoint_every=250, keep_last=2,
+            ema_decay=0.999, eval_every=500,  # an evaluation: about 7% of the 500 steps it follows (docs/quality.md)
         ),
-    )
+    )  # fmt: skip
 
 
 def _flowers64() -> RunConfig:
@@ -274,7 +278,7 @@ def _flowers64() -> RunConfig:
     return RunConfig(
         model=unet_preset(64, "attention"),
         data=DataConfig(image_size=64),
-        train=TrainConfig(batch_size=64, lr=2e-4, max_steps=50_000, warmup_steps=1000),
+        train=TrainConfig(batch_size=64, lr=2e-4, max_steps=50_000, warmup_steps=1000, eval_every=5000),
     )
 
 
@@ -283,7 +287,7 @@ def _flowers128() -> RunConfig:
     return RunConfig(
         model=unet_preset(128, "attention"),
         data=DataConfig(image_size=128),
-        train=TrainConfig(batch_size=32, lr=1e-4, max_steps=100_000, warmup_steps=1000),
+        train=TrainConfig(batch_size=32, lr=1e-4, max_steps=100_000, warmup_steps=1000, eval_every=5000),
     )
 
 

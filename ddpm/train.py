@@ -50,13 +50,16 @@ from .unet import UNet, fused_norm_for, preferred_memory_format, set_norm_path
 
 def lr_at(step: int, tc: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant, cosine or linear
-    decay to min_lr_ratio * lr at max_steps. Derived from the step alone, so resuming needs no scheduler state.
+    decay to min_lr_ratio * lr at max_steps, over all the steps after warm-up or over the last decay_steps
+    (constant until then: a run can be extended, then cooled down). Derived from the step alone, so resuming
+    needs no scheduler state.
     """
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     if tc.lr_decay == "none":
         return tc.lr
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    start = tc.warmup_steps if tc.decay_steps is None else max(tc.warmup_steps, tc.max_steps - tc.decay_steps)
+    progress = min(1.0, max(0.0, (step - start) / max(1, tc.max_steps - start)))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if tc.lr_decay == "cosine" else 1.0 - progress
     min_lr = tc.lr * tc.min_lr_ratio
     return min_lr + shape * (tc.lr - min_lr)
@@ -294,7 +297,8 @@ class TrainLoop:
         self.per_rank = check_batch_split(cfg.train, d.world_size)
         self.log_path, self.plot_path = run_dir / "log.jsonl", run_dir / "loss.png"
         self.step, self.history, self.samples = 0, [], []
-        self.evaluator = evaluator  # a ddpm.metrics.FIDEvaluator; None: built at the first evaluation
+        self.evaluator = evaluator  # a ddpm.metrics.FIDEvaluator; None: built before the first step
+        self.eval_off = False  # train.eval_every asked for, but no Inception weights: trains without FID
         self.compile_s = None
 
     # -- build and resume
@@ -424,6 +428,7 @@ class TrainLoop:
 
         tc = self.cfg.train
         stop = tc.max_steps if stop is None else int(stop)
+        self._prepare_evaluation()
         self.raw_model.train()
         self._reset_counters()
         bar = tqdm(
@@ -443,7 +448,7 @@ class TrainLoop:
                 bar.update(1)
                 do_ckpt = self.step % tc.checkpoint_every == 0 or self.step == stop
                 do_sample = tc.sample_every > 0 and (self.step % tc.sample_every == 0 or self.step == stop)
-                do_eval = tc.eval_every > 0 and (self.step % tc.eval_every == 0 or self.step == stop)
+                do_eval = self._evaluating() and (self.step % tc.eval_every == 0 or self.step == stop)
                 if self.step % tc.log_every == 0 or do_ckpt or do_sample or do_eval:
                     self._log(bar, self.evaluate() if do_eval and self.d.main else {})
                     self._save_and_sample(do_ckpt, do_sample)
@@ -593,14 +598,32 @@ class TrainLoop:
             if self.callback is not None:
                 self.callback(self.step, {**row, "run_dir": self.run_dir})
 
+    def _evaluating(self) -> bool:
+        return self.cfg.train.eval_every > 0 and not self.eval_off
+
+    def _prepare_evaluation(self) -> None:
+        """Before the first step, for train.eval_every: Inception (downloaded if missing and the network allows)
+        and the real images' features (cached on disk), so a missing piece shows now, not hours in. Without
+        weights the run trains on without FID (the presets ask for it), saying so once."""
+        from .metrics import FIDEvaluator, InceptionWeightsNotFound, load_inception
+
+        tc = self.cfg.train
+        if not (self._evaluating() and self.d.main and self.evaluator is None):
+            return
+        try:
+            extractor = load_inception(device=self.device, download=True)
+        except InceptionWeightsNotFound as err:
+            self.eval_off = True
+            print(f"warning: no FID/KID during this run (train.eval_every={tc.eval_every}; 0 turns it off): {err}",
+                  file=sys.stderr)  # fmt: skip
+            return
+        self.evaluator = FIDEvaluator(self.dataset, extractor=extractor, num_real=tc.eval_num_real, device=self.device)
+
     def evaluate(self) -> dict:
         """FID and KID of train.eval_n EMA samples (the model's default sampler, the run's seed) against the
-        training images, with ddpm.metrics; the best by FID so far is kept as run_dir/best.pt (EMA weights)."""
-        from .metrics import FIDEvaluator
-
+        training images, with the evaluator _prepare_evaluation built; the best by FID so far is kept as
+        run_dir/best.pt (EMA weights)."""
         tc, start = self.cfg.train, time.perf_counter()
-        if self.evaluator is None:  # Inception and the real features (cached on disk), once per run
-            self.evaluator = FIDEvaluator(self.dataset, num_real=tc.eval_num_real, device=self.device)
         with self.ema.swapped_in():
             images = generate(self.raw_model, self.schedule, self.cfg, n=tc.eval_n, seed=tc.seed,
                               precision=tc.precision, progress=False)  # fmt: skip

@@ -149,6 +149,14 @@ def test_lr_schedule_closed_form():
     # linear decay to zero by the end of the planned run: the budget-friendly schedule
     lin = C.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay="linear", min_lr_ratio=0.0)
     assert T.lr_at(10, lin) == 1.0 and T.lr_at(60, lin) == pytest.approx(0.5) and T.lr_at(110, lin) == 0.0
+    # warmup-stable-decay: constant until the last 40 steps, then linear to zero
+    wsd = C.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay="linear", min_lr_ratio=0.0, decay_steps=40)
+    assert T.lr_at(50, wsd) == 1.0 and T.lr_at(70, wsd) == 1.0 and T.lr_at(90, wsd) == pytest.approx(0.5)
+    assert T.lr_at(110, wsd) == 0.0
+    long = C.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay="linear", min_lr_ratio=0.0, decay_steps=500)
+    assert T.lr_at(60, long) == T.lr_at(60, lin)  # longer than the run: the decay starts after warm-up
+    with pytest.raises(ValueError, match="decay_steps"):
+        C.TrainConfig(decay_steps=0)
     with pytest.raises(ValueError, match="lr_decay='step'.*one of"):
         C.TrainConfig(lr_decay="step")
 
@@ -486,6 +494,24 @@ def test_describe_device_says_what_each_device_gets(monkeypatch):
     mps = T.describe_device(torch.device("mps"), tc)
     assert "fp32" in mps and "NCHW" in mps and "compile off" in mps
     assert "fused GroupNorm" in T.describe_device(torch.device("cpu"), tc)
+
+
+def test_a_run_without_inception_weights_trains_on_without_fid(tmp_path, data, monkeypatch, capsys):
+    import ddpm.metrics as M
+
+    asked = []
+
+    def missing(*args, **kwargs):
+        asked.append(kwargs)
+        raise M.InceptionWeightsNotFound("no Inception weights: put pt_inception-2015-12-05.pth in ~/.cache")
+
+    monkeypatch.setattr(M, "load_inception", missing)
+    result = T.train(tiny(data, max_steps=4, eval_every=2, log_every=2), out_dir=tmp_path, progress=False)
+    assert result.step == 4 and [r["step"] for r in result.history] == [2, 4]
+    assert not any("fid" in r for r in result.history) and not (tmp_path / "best.pt").exists()
+    err = capsys.readouterr().err
+    assert err.count("no FID/KID during this run (train.eval_every=2; 0 turns it off)") == 1 and "~/.cache" in err
+    assert asked == [{"device": torch.device("cpu"), "download": True}]  # once, and allowed to download
 
 
 def test_cudnn_benchmark_is_on_for_cuda_training_only(monkeypatch):

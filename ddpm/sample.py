@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
         names = class_names(config.model.num_classes)
         labelled = grid.with_name(f"{grid.stem}_labelled.png")
         title = f"guidance {args.guidance_scale:g}, seed {args.seed}"
-        class_grid_figure(images, [f"{c}: {names[c]}" for c in args.classes], title=title).savefig(labelled, dpi=100)
+        class_grid_figure(images, [f"{c}: {names[c]}" for c in args.classes], title=title).savefig(
+            labelled, dpi=100, bbox_inches="tight"
+        )
         print(f"wrote {labelled} (rows labelled by class)")
     return grid, paths
 

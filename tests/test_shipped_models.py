@@ -9,7 +9,7 @@ from ddpm import checkpoint as ckpt
 from ddpm.sample import generate
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-SHIPPED = ["cpu64.pt"]  # each with its command, cost and FID/KID in checkpoints/README.md
+SHIPPED = ["cond32.pt", "cpu64.pt"]  # each with its command, cost and FID/KID in checkpoints/README.md
 
 
 def test_the_shipped_models_are_there_and_documented():
@@ -42,3 +42,20 @@ def test_a_shipped_model_samples_deterministically(name):
     assert torch.equal(a, b)
     assert not torch.equal(a, generate(model, schedule, config, n=2, steps=4, seed=4, progress=False))
     assert a.std() > 0.1  # an image, not a constant
+
+
+def test_the_shipped_conditional_model_draws_the_class_asked_for():
+    torch.set_num_threads(1)
+    model, schedule, config = ckpt.load_model(CHECKPOINTS / "cond32.pt", device="cpu")
+    assert config.model.num_classes == 102  # Flowers102's classes (and the null class for guidance)
+
+    def yellowness(label, guidance=1.0):  # mean of red and green over blue, in [-1, 1] units
+        images = generate(model, schedule, config, n=4, steps=6, seed=3, class_label=label, guidance_scale=guidance,
+                          progress=False)  # fmt: skip
+        r, g, b = images.mean((0, 2, 3))
+        return float((r + g) / 2 - b), images
+
+    sunflowers, plain = yellowness(53)
+    coneflowers, _ = yellowness(16)  # purple coneflower
+    assert sunflowers > coneflowers + 0.2, (sunflowers, coneflowers)
+    assert not torch.equal(yellowness(53, guidance=3.0)[1], plain)  # the guidance weight is applied

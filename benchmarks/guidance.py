@@ -27,7 +27,7 @@ from ddpm.device import keep_freed_memory
 from ddpm.metrics import FIDEvaluator
 from ddpm.sample import generate
 from ddpm.samplers import DEFAULT_SPACING, default_sampler
-from ddpm.viz import guidance_figure, save_grid
+from ddpm.viz import guidance_figure, save_figure, save_grid
 
 
 def parse_scales(text: str) -> list[float]:
@@ -100,7 +100,7 @@ def main() -> None:
     method, steps, spacing = sampler
     spacing = spacing or DEFAULT_SPACING[method]
     title = f"{Path(args.checkpoint).name}: {args.num_images} samples ({method} {steps}, seed {args.seed})"
-    guidance_figure(rows, title=title).savefig(out / "guidance.png", dpi=120)
+    save_figure(guidance_figure(rows, title=title), out / "guidance.png", dpi=120)
     print(f"\n{'w':>6}{'FID':>9}{'KID':>10}{'±':>9}{'sample s':>10}")
     for r in rows:
         print(

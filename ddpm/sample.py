@@ -21,7 +21,7 @@ import torch
 from . import samplers
 from .checkpoint import UsageError, UsageParser, exit_with_error, load_model
 from .device import PRECISIONS, autocast, get_device
-from .viz import class_grid_figure, class_names, save_grid
+from .viz import class_grid_figure, class_names, save_figure, save_grid
 
 
 def generate(
@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
         names = class_names(config.model.num_classes)
         labelled = grid.with_name(f"{grid.stem}_labelled.png")
         title = f"guidance {args.guidance_scale:g}, seed {args.seed}"
-        class_grid_figure(images, [f"{c}: {names[c]}" for c in args.classes], title=title).savefig(
-            labelled, dpi=100, bbox_inches="tight"
-        )
+        save_figure(class_grid_figure(images, [f"{c}: {names[c]}" for c in args.classes], title=title), labelled)
         print(f"wrote {labelled} (rows labelled by class)")
     return grid, paths
 

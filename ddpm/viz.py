@@ -96,8 +96,9 @@ def grids_figure(
 def class_grid_figure(
     images: torch.Tensor, labels: list[str], *, size: float = 0.9, title: str | None = None
 ) -> Figure:
-    """One row of images ([-1, 1]) per label, the label written left of its row: what sample.class_rows draws,
-    labelled with viz.class_names. `size`: inches per image."""
+    """One row of images ([-1, 1] or uint8) per label, the label written left of its row: what sample.class_rows
+    draws, labelled with viz.class_names, or a run's progress (progress_figure). `size`: inches per image.
+    Save it with save_figure: long labels need the tight bounding box."""
     rows, padding = len(labels), 2
     if rows == 0 or len(images) % rows:
         raise ValueError(f"{len(images)} images do not make {rows} equal rows (one per label)")
@@ -115,6 +116,15 @@ def class_grid_figure(
     if title:
         ax.set_title(title, fontsize=10)
     return fig
+
+
+def save_figure(fig: Figure, path, *, dpi: int = 100) -> Path:
+    """A figure as a PNG, cropped to what it draws: constrained layout with an aspect-locked image can push long
+    row labels past the left edge, and the tight bounding box keeps them (as Jupyter's inline display does)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
 
 
 def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 2) -> Path:
@@ -532,16 +542,7 @@ def _tiles(grid: np.ndarray, size: int, count: int, padding: int = 2) -> torch.T
 def progress_figure(run_dir, *, images: int = 8, max_frames: int = 8, size: float = 1.2) -> Figure:
     """One row per training step, the same start noise in each column: how samples form as training goes."""
     steps, frames = training_frames(run_dir, images=images, max_frames=max_frames)
-    grid = to_grid(frames.flatten(0, 1), nrow=frames.shape[1])
-    fig = Figure(figsize=(size * frames.shape[1] + 1.0, size * len(steps)), layout="constrained")
-    ax = fig.subplots()
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    pitch = grid.shape[1] / len(steps)
-    ax.set_yticks([pitch * (i + 0.5) for i in range(len(steps))], [f"step {s:,}" for s in steps])
-    ax.set_xticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    return fig
+    return class_grid_figure(frames.flatten(0, 1), [f"step {s:,}" for s in steps], size=size)
 
 
 def progress_gif(run_dir, path, *, images: int = 16, fps: float = 2) -> GIF:
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out or Path(args.run_dir) / "progress.png")
     try:
-        progress_figure(args.run_dir, images=args.images, max_frames=args.frames).savefig(out, dpi=100)
+        save_figure(progress_figure(args.run_dir, images=args.images, max_frames=args.frames), out)
         if args.gif:
             progress_gif(args.run_dir, args.gif, images=args.images)
     except FileNotFoundError as err:

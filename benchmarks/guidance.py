@@ -7,9 +7,10 @@ w pushes each image towards its class and away from the unconditional model, sha
     python benchmarks/guidance.py --checkpoint checkpoints/cond32.pt --sampler ddim:50 --seed 1
 
 Every scale draws the same start noise (--seed) and the same labels: the classes in turn, so each of the
-102 appears as often as it does in the real set. The images are scored against the real ones at the model's
-size with ddpm.metrics (TF-FID Inception). Writes, under --out, one grid per scale (the first 64 images:
-classes 0 to 63), guidance.png (FID and KID against w) and guidance.json; prints a table and one JSON line.
+102 appears equally often, as in the shared 2,040-photo copy (20 a class; the full Flowers102 has 40 to 258).
+The images are scored against the real ones at the model's size with ddpm.metrics (TF-FID Inception). Writes,
+under --out, one grid per scale (the first 64 images: classes 0 to 63), guidance.png (FID and KID against w) and
+guidance.json; prints a table and one JSON line.
 """
 
 from __future__ import annotations

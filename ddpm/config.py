@@ -225,6 +225,15 @@ def _section_to_dict(section) -> dict:
     return section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config dict with each key added since it was written at its default.
+
+    A new setting's default is what the code that wrote the checkpoint did, so comparing the filled dict
+    with today's config reports only real changes. Keys the checkpoint has are kept as they are.
+    """
+    return {**saved, **{name: {**_section_to_dict(cls()), **saved.get(name, {})} for name, cls in SECTIONS.items()}}
+
+
 def _section_from_dict(cls, d: dict, name: str):
     check_keys(d, {f.name for f in dataclasses.fields(cls)}, f"key(s) in config section '{name}'")
     return cls.from_dict(d) if hasattr(cls, "from_dict") else cls(**d)

@@ -38,7 +38,15 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import diffusion, viz
 from .checkpoint import UsageError
-from .config import PRESETS, ConfigError, RunConfig, TrainConfig, apply_overrides, parse_override_args
+from .config import (
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    parse_override_args,
+    with_defaults,
+)
 from .data import IMAGE_EXTENSIONS, DataNotFoundError, detect_source
 from .device import autocast, describe_precision, get_device, keep_freed_memory, needs_grad_scaler, seed_everything
 from .ema import EMA
@@ -181,7 +189,7 @@ def check_batch_split(tc: TrainConfig, world_size: int) -> int:
 
 def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
     """Refuse a checkpoint whose model, diffusion or data stream differs; mention changed training settings."""
-    current = cfg.to_dict()
+    saved, current = with_defaults(saved), cfg.to_dict()
     ckpt.check_compatible(saved["model"], current["model"], what="model config", source=path)
     ckpt.check_compatible(saved["diffusion"], current["diffusion"], what="diffusion config", source=path)
     data_keys = ("source", "image_size", "split")
@@ -191,7 +199,11 @@ def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
         what="data config",
         source=path,
     )
-    changed = ckpt.config_differences(saved["train"], current["train"], prefix="train.")
+    saved_train, current_train = dict(saved["train"]), dict(current["train"])
+    if saved_train.get("lr_decay") == current_train["lr_decay"] == "none":
+        for key in ("max_steps", "epochs"):  # at a constant rate, a longer run repeats the shorter one's steps
+            saved_train.pop(key, None), current_train.pop(key)
+    changed = ckpt.config_differences(saved_train, current_train, prefix="train.")
     if changed:
         print(
             "resuming with changed training settings (the run will not repeat exactly):\n  " + "\n  ".join(changed),

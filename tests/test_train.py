@@ -277,6 +277,24 @@ def test_resume_refuses_another_architecture_and_new_runs_refuse_old_folders(tmp
         T.train(tiny(data), out_dir=tmp_path / "empty", resume=True, progress=False)
 
 
+def test_resume_of_an_older_checkpoint_warns_only_of_settings_that_changed(tmp_path, data, capsys):
+    T.train(tiny(data, max_steps=1), out_dir=tmp_path, progress=False)
+    path = ckpt.find_latest(tmp_path)
+    state = ckpt.load_checkpoint(path)
+    for section, key in (("train", "ema_warmup"), ("train", "class_dropout"), ("model", "num_classes")):
+        del state["config"][section][key]  # as written before these settings existed, at today's defaults
+    ckpt.save_checkpoint(path, state)
+    capsys.readouterr()
+    T.train(tiny(data, max_steps=2), out_dir=tmp_path, resume=True, progress=False)
+    assert "changed training settings" not in capsys.readouterr().err  # a longer run at a constant rate: exact
+    T.train(tiny(data, max_steps=3, ema_warmup=4.0), out_dir=tmp_path, resume=True, progress=False)
+    err = capsys.readouterr().err  # the step-2 checkpoint has every key; a real change is still said
+    assert "checkpoint has train.ema_warmup=10.0, this run has 4.0" in err and "class_dropout" not in err
+    T.train(tiny(data, max_steps=4, ema_warmup=4.0, lr_decay="linear"), out_dir=tmp_path, resume=True, progress=False)
+    err = capsys.readouterr().err  # a decaying rate depends on the run's length
+    assert "checkpoint has train.max_steps=3, this run has 4" in err and "train.lr_decay='none'" in err
+
+
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
     real_loss, calls = diffusion.training_loss, []
 

@@ -200,9 +200,9 @@ def _check_resumable(saved: dict, cfg: RunConfig, path: Path) -> None:
         source=path,
     )
     saved_train, current_train = dict(saved["train"]), dict(current["train"])
-    if saved_train.get("lr_decay") == current_train["lr_decay"] == "none":
+    if saved_train["lr_decay"] == current_train["lr_decay"] == "none":
         for key in ("max_steps", "epochs"):  # at a constant rate, a longer run repeats the shorter one's steps
-            saved_train.pop(key, None), current_train.pop(key)
+            del saved_train[key], current_train[key]
     changed = ckpt.config_differences(saved_train, current_train, prefix="train.")
     if changed:
         print(

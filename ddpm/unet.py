@@ -78,18 +78,26 @@ class UNetConfig:
     num_classes: int | None = None  # None: unconditional; else an extra "null" class for CFG
     groups: int = 32  # GroupNorm groups
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    # p > 1: each p x p patch of pixels becomes p*p*C channels at the input (and back at the output), so the
+    # first level works at image_size / p: the full-size level's cost is skipped (Hoogeboom et al. 2023, "simple
+    # diffusion", patching); 1: none.
+    patch_size: int = 1
 
     def __post_init__(self):
         # JSON turns tuples into lists; turn them back so configs compare equal after a round-trip
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must be a positive divisor of image_size={self.image_size}")
         sizes = self.resolutions
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults={self.channel_mults} must be a non-empty tuple of positive ints")
-        if self.image_size % 2 ** (len(self.channel_mults) - 1):
+        if self.image_size % (self.patch_size * 2 ** (len(self.channel_mults) - 1)):
             raise ValueError(
-                f"image_size={self.image_size} must be divisible by 2**{len(self.channel_mults) - 1} "
-                f"for {len(self.channel_mults)} levels (channel_mults={self.channel_mults})"
+                f"image_size={self.image_size} must be divisible by "
+                + (f"patch_size={self.patch_size} x " if self.patch_size > 1 else "")
+                + f"2**{len(self.channel_mults) - 1} for {len(self.channel_mults)} levels "
+                f"(channel_mults={self.channel_mults})"
             )
         bad = [r for r in self.attention_resolutions if r not in sizes]
         if bad:
@@ -117,8 +125,8 @@ class UNetConfig:
 
     @property
     def resolutions(self) -> tuple[int, ...]:
-        """Feature-map size at each level, e.g. (64, 32, 16, 8)."""
-        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
+        """Feature-map size at each level, e.g. (64, 32, 16, 8); the first is image_size / patch_size."""
+        return tuple(self.image_size // self.patch_size // 2**i for i in range(len(self.channel_mults)))
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -332,7 +340,8 @@ class UNet(nn.Module):
             attn = Attention(cout, head_dim=c.head_dim, groups=c.groups) if size in c.attention_resolutions else None
             return Stage(res, attn)
 
-        self.in_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        p2 = c.patch_size**2
+        self.in_conv = nn.Conv2d(c.in_channels * p2, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [ch]
         for level, (size, cout) in enumerate(zip(c.resolutions, c.level_channels)):
@@ -362,7 +371,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
 
         self.out_norm = nn.GroupNorm(c.groups, ch)
-        self.out_conv = _zero(nn.Conv2d(ch, c.out_channels or c.in_channels, 3, padding=1))  # output 0 at init
+        self.out_conv = _zero(nn.Conv2d(ch, (c.out_channels or c.in_channels) * p2, 3, padding=1))  # output 0 at init
         self.use_fused_norm(fused_norm)
 
     def use_fused_norm(self, fused: bool) -> UNet:
@@ -405,7 +414,8 @@ class UNet(nn.Module):
             )
         emb = F.silu(emb)  # every ResBlock's projection starts with SiLU: do it once here
 
-        h = self.in_conv(x)
+        p = self.config.patch_size
+        h = self.in_conv(F.pixel_unshuffle(x, p) if p > 1 else x)
         skips = [h]
         for block in self.down:
             h = block(h) if isinstance(block, Downsample) else self._run(block, h, emb)
@@ -416,4 +426,5 @@ class UNet(nn.Module):
             h = block(h) if isinstance(block, Upsample) else self._run(block, h, emb, skips.pop())
         h = group_norm_act(h, self.out_norm, act=True, fused=self.fused_norm)
         with torch.autocast(h.device.type, enabled=False):
-            return self.out_conv(h.to(self.out_conv.weight.dtype))
+            out = self.out_conv(h.to(self.out_conv.weight.dtype))
+        return F.pixel_shuffle(out, p) if p > 1 else out

@@ -294,6 +294,35 @@ def test_channels_last_same_result():
     model(x.contiguous(memory_format=torch.channels_last), t).sum().backward()
 
 
+def test_patch_size_runs_the_first_level_at_a_fraction_of_the_image():
+    c = UNetConfig(**{**TINY, "image_size": 16, "attention_resolutions": (4,), "patch_size": 2})
+    assert c.resolutions == (8, 4)
+    model = perturbed(UNet(c))
+    first_level = []
+    model.in_conv.register_forward_hook(lambda m, i, o: first_level.append(tuple(o.shape[1:])))
+    x, t = batch(c)
+    with torch.no_grad():
+        ref = model(x, t)
+        assert ref.shape == x.shape and first_level == [(16, 8, 8)]
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
+        assert torch.allclose(cl, ref, atol=1e-5)
+        # the output conv's channel 4c + 2i + j is colour c at offset (i, j) of every 2 x 2 patch
+        model.out_conv.weight.zero_()
+        model.out_conv.bias.zero_()
+        model.out_conv.bias[4 * 2 + 2 * 1 + 0] = 1.0
+        out = model(x, t)
+    want = torch.zeros_like(x)
+    want[:, 2, 1::2, 0::2] = 1.0
+    assert torch.equal(out, want)
+    # a checkpoint written before patch_size existed loads as patch_size 1
+    old = {k: v for k, v in tiny().to_dict().items() if k != "patch_size"}
+    assert UNetConfig.from_dict(old).patch_size == 1
+    with pytest.raises(ValueError, match="patch_size=3 must be a positive divisor of image_size=16"):
+        tiny(patch_size=3)
+    with pytest.raises(ValueError, match="divisible by patch_size=4 x 2"):
+        UNetConfig(image_size=16, channel_mults=(1, 2, 2, 2), patch_size=4)
+
+
 # --- the norm paths: fused (CPU) and plain (CUDA, MPS) -----------------------------------------
 
 

@@ -59,3 +59,15 @@ def test_the_shipped_conditional_model_draws_the_class_asked_for():
     coneflowers, _ = yellowness(16)  # purple coneflower
     assert sunflowers > coneflowers + 0.2, (sunflowers, coneflowers)
     assert not torch.equal(yellowness(53, guidance=3.0)[1], plain)  # the guidance weight is applied
+
+
+def test_the_shipped_64px_model_is_what_the_cpu64_preset_trains():
+    # checkpoints/README.md reproduces cpu64.pt with `--preset cpu64`: the preset and the file must not drift apart
+    from ddpm import config as C
+
+    _, _, config = ckpt.load_model(CHECKPOINTS / "cpu64.pt", device="cpu")
+    preset = C.preset("cpu64")
+    assert config.model == preset.model and config.diffusion == preset.diffusion
+    assert torch.load(CHECKPOINTS / "cpu64.pt", map_location="cpu", weights_only=True)["step"] == preset.train.max_steps
+    for key in ("batch_size", "lr", "warmup_steps", "ema_decay", "ema_warmup", "seed", "lr_decay"):
+        assert getattr(config.train, key) == getattr(preset.train, key), key

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -358,13 +359,13 @@ def _check_weights_fit(state: dict, config, source) -> None:
 
 LOCK = ".lock"
 _TEMP_PATTERN = re.compile(r"^\..+\.tmp$")  # what _replaced_atomically's mkstemp names look like
-_EMPTY_LOCK_GRACE_S = 10.0  # a lock file with no record yet is being written; after this long its writer died
+_EMPTY_LOCK_GRACE_S = 10.0  # an empty lock (only without hard links) is being written; after this, its writer died
 
 
 class RunLock:
-    """One live run per folder: run_dir/.lock, created with O_CREAT | O_EXCL, holds the owner's pid, host and
-    process start time. A second run is refused while the owner lives; a lock whose process is gone (killed,
-    crashed, the machine rebooted) is stale and taken over. Re-entrant within one process, so a notebook can
+    """One live run per folder: run_dir/.lock, created atomically with its record in it (the owner's pid,
+    host and process start time). A second run is refused while the owner lives; a lock whose process is gone
+    (killed, crashed, the machine rebooted) is stale and taken over. Re-entrant within one process, so a notebook can
     train the same folder again. Where the owner ran on another host the lock cannot be judged: it is refused,
     and the message says how to remove it.
 
@@ -412,7 +413,7 @@ class RunLock:
         record = _lock_record()
         for _ in range(3):  # a stale lock is broken, then the create is tried again
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _create_with(self.path, record)
             except FileExistsError:
                 holder = _read_lock(self.path)
                 if holder is not None and _same_process(holder):  # this process again (a notebook re-running)
@@ -423,16 +424,11 @@ class RunLock:
                     raise RunFolderError(_locked_message(self.run_dir, holder)) from None
                 _break_stale(self.path, holder)
                 continue
+            except FileNotFoundError as err:  # the lock holder cleared our prepared record as a stale temp: retry
+                if not self.run_dir.is_dir():  # or the folder itself went away
+                    raise RunFolderError(_unwritable_message(self.run_dir, err)) from err
+                continue
             except OSError as err:
-                raise RunFolderError(_unwritable_message(self.run_dir, err)) from err
-            try:
-                with os.fdopen(fd, "w") as f:  # a full disk fails here, on the first block
-                    f.write(json.dumps(record))
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as err:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path)
                 raise RunFolderError(_unwritable_message(self.run_dir, err)) from err
             self.record = record
             return
@@ -445,6 +441,46 @@ class RunLock:
             except OSError:
                 break
         self._created = []
+
+
+def _create_with(path: Path, record: dict) -> None:
+    """Create `path` holding `record`, or raise FileExistsError. The record is written to a temporary file first
+    and hard-linked into place (link never overwrites), so the lock is never seen empty, even if the writer is
+    killed in between; where the file system has no hard links, O_EXCL and then the write."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:  # a full disk fails here, on the first block
+            f.write(json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return
+        except (FileExistsError, FileNotFoundError):
+            raise
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+        _create_excl(path, record)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
+def _create_excl(path: Path, record: dict) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def _make_dirs(folder: Path) -> list[Path]:

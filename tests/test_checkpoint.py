@@ -335,6 +335,51 @@ def test_an_empty_lock_is_stale_only_once_its_writer_had_time(tmp_path):
     assert ckpt._is_stale(None, lock)
 
 
+def test_the_lock_appears_with_its_record_already_in_it(tmp_path, monkeypatch):
+    """A run killed while taking the lock must not leave an empty one behind (the next run would be refused
+    for ten seconds as 'being written'): the record is complete in a temporary file before the lock exists."""
+    import os
+
+    seen = []
+    real_link = os.link
+
+    def link(src, dst):
+        assert not (tmp_path / ".lock").exists()
+        seen.append(json.loads(open(src).read()))  # what becomes visible as the lock, at the moment it does
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+    with ckpt.RunLock(tmp_path) as lock:
+        assert seen == [lock.record]
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the temporary file is gone
+
+
+def test_the_lock_is_taken_without_hard_links_and_retried_if_its_record_was_cleared(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    real_link = os.link
+    calls = []
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)  # e.g. some network and FUSE file systems
+    with ckpt.RunLock(tmp_path) as lock:
+        assert json.loads((tmp_path / ".lock").read_text()) == lock.record
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+    def cleared_once(src, dst):  # the holder of a lock cleared our prepared record as a stale temp, then left
+        calls.append(src)
+        if len(calls) == 1:
+            os.unlink(src)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", cleared_once)
+    with ckpt.RunLock(tmp_path) as lock:
+        assert len(calls) == 2 and json.loads((tmp_path / ".lock").read_text()) == lock.record
+
+
 def test_an_unwritable_run_folder_is_refused_before_anything(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ckpt.RunFolderError, match="cannot write to the run folder .*afile/run"):

@@ -86,7 +86,7 @@ class TrainConfig:
     sample_n: int = 64
     sample_method: str | None = None  # None: the model's default (samplers.default_sampler)
     sample_steps: int = 20
-    sample_guidance_scale: float = 1.0
+    sample_guidance_scale: float = 1.0  # conditional models: the guidance w of the grids and of ddpm.sample's default
     checkpoint_every: int = 2000  # steps
     checkpoint_every_epochs: float | None = None  # when set, decides checkpoint_every
     eval_every: int = 0  # steps between FID/KID evaluations of the EMA model (0 = never; the presets: < 10%); best.pt

@@ -36,7 +36,7 @@ def generate(
     eta: float = 0.0,
     seed: int = 0,
     class_label=None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     batch_size: int | None = None,
     precision: str = "auto",
     progress: bool = True,
@@ -49,6 +49,7 @@ def generate(
     spacing:     which training timesteps the steps visit (ddpm.samplers.set_timesteps); None: the method's own.
     class_label: for a conditional model, the class of every image (an int), of each image (n ints, e.g. one
                  row per class), or None: classes 0, 1, 2, ... in turn (the training set's share of each).
+    guidance_scale: classifier-free guidance weight w (1 = none); None: the model's own (samplers.default_guidance).
     batch_size:  images per sampler call (default all n); the chunks draw from one generator in turn,
                  so the same (seed, batch_size) gives the same images.
     callback:    passed to ddpm.samplers.sample: callback(i, t, x_t, x0_pred) at every step of every chunk.
@@ -59,6 +60,7 @@ def generate(
         method, default_steps = samplers.default_sampler(config.diffusion.prediction_type, config.diffusion.schedule)
         steps = default_steps if steps is None else steps
     labels = class_labels(class_label, n, config.model.num_classes)
+    guidance_scale = samplers.default_guidance(config) if guidance_scale is None else guidance_scale
     device = next(model.parameters()).device
     size = config.model.image_size
     generator = torch.Generator().manual_seed(seed)
@@ -165,7 +167,12 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
         "with each row labelled by its flower name (OUT_labelled.png)",
     )
     p.add_argument("--per-class", type=int, default=8, help="images per row with --classes")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance weight (1 = none)")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance weight (1 = none); default: the model's own (its train.sample_guidance_scale)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (memory); default all")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square)")
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, list[Path]]:
     if args.classes is not None:
         names = class_names(config.model.num_classes)
         labelled = grid.with_name(f"{grid.stem}_labelled.png")
-        title = f"guidance {args.guidance_scale:g}, seed {args.seed}"
+        w = samplers.default_guidance(config) if args.guidance_scale is None else args.guidance_scale
+        title = f"guidance {w:g}, seed {args.seed}"
         save_figure(class_grid_figure(images, [f"{c}: {names[c]}" for c in args.classes], title=title), labelled)
         print(f"wrote {labelled} (rows labelled by class)")
     return grid, paths
@@ -258,7 +266,7 @@ def _check_against_model(args, config) -> None:
     method = args.method or samplers.default_sampler(config.diffusion.prediction_type, config.diffusion.schedule)[0]
     if args.eta != 0 and method != "ddim":
         raise UsageError(f"--eta {args.eta} applies to --method ddim only (the method here is {method})")
-    if args.guidance_scale != 1.0 and not conditional:
+    if args.guidance_scale not in (None, 1.0) and not conditional:
         raise UsageError("--guidance-scale needs a class-conditional model; this one is unconditional (leave it out)")
     for option, classes in (("--class-label", [args.class_label]), ("--classes", args.classes or [])):
         if not conditional and any(c is not None for c in classes):

@@ -49,6 +49,13 @@ def default_sampler(prediction_type: str, schedule: str) -> tuple[str, int]:
     return _SDE
 
 
+def default_guidance(config) -> float:
+    """The classifier-free guidance weight w a model (its ddpm.config.Config) samples with unless told
+    otherwise: a conditional model's train.sample_guidance_scale (saved in its checkpoint; its training grids
+    used it too), 1 for an unconditional one."""
+    return config.train.sample_guidance_scale if config.model.num_classes is not None else 1.0
+
+
 def set_timesteps(schedule: NoiseSchedule | int, steps: int, *, spacing: str = "trailing") -> torch.Tensor:
     """The `steps` training timesteps a sampler visits, descending (diffusers' names for the spacings).
 

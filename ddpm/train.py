@@ -673,7 +673,6 @@ class TrainLoop:
                 seed=tc.seed,
                 precision=tc.precision,
                 progress=False,
-                guidance_scale=tc.sample_guidance_scale if self.cfg.model.num_classes else 1.0,
             )
         path = viz.save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png")
         self.samples.append(path)

@@ -23,7 +23,7 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
-from ddpm.samplers import default_sampler
+from ddpm.samplers import default_guidance, default_sampler
 
 # ---------------------------------------------------------------------------------------------- images
 
@@ -781,10 +781,11 @@ class GeneratePanel:
         seed: int | None = None,
         n: int | None = None,
         class_label: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         progress=None,
     ) -> tuple[torch.Tensor, dict]:
-        """Generate and return (images, settings); the settings name the Save folder and title the grid."""
+        """Generate and return (images, settings); the settings name the Save folder and title the grid.
+        guidance_scale None: the model's own (ddpm.samplers.default_guidance)."""
         name = name or next(iter(self.checkpoints))
         model, schedule, config = self.model(name)
         default_method, default_steps = self.default_sampler(name)
@@ -797,7 +798,8 @@ class GeneratePanel:
             "progress": False,
         }
         if config.model.num_classes is not None:
-            kwargs.update(class_label=class_label, guidance_scale=guidance_scale)
+            w = default_guidance(config) if guidance_scale is None else guidance_scale
+            kwargs.update(class_label=class_label, guidance_scale=w)
         if progress is not None and "callback" in inspect.signature(self.generate).parameters:
             kwargs["callback"] = progress
         start = time.perf_counter()
@@ -893,6 +895,7 @@ class GeneratePanel:
         c["label"].disabled = c["guidance"].disabled = classes is None
         c["label"].options = class_options(classes) if classes else [("(none)", 0)]
         default_method, c["steps"].value = self.default_sampler(c["pick"].value)
+        c["guidance"].value = default_guidance(self.model(c["pick"].value)[2]) if classes else 1.0
         if default_method in self.methods:
             c["method"].value = default_method
 

@@ -140,7 +140,11 @@ def tiny_unet(num_classes=None, seed=0):
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.05)
     # v-prediction keeps a random network's x0 = a x_t - s v bounded (eps-prediction divides by a_T ~ 4e-5)
-    run = SimpleNamespace(model=config, diffusion=SimpleNamespace(prediction_type="v_prediction"))
+    run = SimpleNamespace(
+        model=config,
+        diffusion=SimpleNamespace(prediction_type="v_prediction"),
+        train=SimpleNamespace(sample_guidance_scale=1.0),
+    )
     return model, run
 
 
@@ -191,6 +195,23 @@ def test_interpolate_between_classes_mixes_the_class_embeddings():
     assert not model.class_emb._forward_hooks  # the hook is gone afterwards
     with pytest.raises(ValueError, match="out of range"):
         editing.interpolate(model, s, config, classes=(0, 3))
+
+
+def test_a_conditional_model_samples_with_its_own_guidance_weight_unless_told():
+    # "the model's default sampler" includes its guidance weight: train.sample_guidance_scale, saved with it
+    s = make_schedule("cosine")
+    model, config = tiny_unet(num_classes=3)
+    with torch.no_grad():
+        model.class_emb.weight.normal_(0, 1.0)
+    config.train.sample_guidance_scale = 2.0
+    kw = dict(n=3, method="ddim", steps=4, seed=1, progress=False)
+    own = generate(model, s, config, **kw)
+    assert torch.equal(own, generate(model, s, config, guidance_scale=2.0, **kw))
+    assert not torch.allclose(own, generate(model, s, config, guidance_scale=1.0, **kw), atol=1e-3)
+    plain, plain_config = tiny_unet()  # an unconditional model has nothing to guide: w is 1 whatever the config says
+    plain_config.train.sample_guidance_scale = 2.0
+    unguided = generate(plain, s, plain_config, guidance_scale=1.0, **kw)
+    assert torch.equal(generate(plain, s, plain_config, **kw), unguided)
 
 
 def test_class_rows_draw_one_row_per_class_in_the_order_given():

@@ -292,6 +292,9 @@ def test_generate_panel_driven_through_its_widgets_saves_grid_images_and_zip(tmp
             prediction_type = "v_prediction"
             schedule = "offset_cosine"
 
+        class train:
+            sample_guidance_scale = 2.0  # the weight this model samples with unless told
+
     calls = []
 
     def generate(
@@ -331,6 +334,7 @@ def test_generate_panel_driven_through_its_widgets_saves_grid_images_and_zip(tmp
     c = panel.widget.controls
     assert c["method"].value == "dpmpp_2m_sde" and c["save"].disabled  # the model's own sampler; nothing to save
     assert c["label"].options[0] == ("0: pink primrose", 0)  # a class picker by flower name
+    assert c["guidance"].value == 2.0 and not c["guidance"].disabled  # starts at the model's own weight
     c["n"].value, c["steps"].value, c["seed"].value, c["label"].value, c["guidance"].value = 5, 7, 3, 2, 2.5
     c["button"].click()
     assert calls == [{"n": 5, "method": "dpmpp_2m_sde", "steps": 7, "seed": 3, "class_label": 2, "guidance_scale": 2.5}]
@@ -342,6 +346,8 @@ def test_generate_panel_driven_through_its_widgets_saves_grid_images_and_zip(tmp
     assert Image.open(folder / "000.png").size == (8, 8)
     with zipfile.ZipFile(f"{folder}.zip") as z:
         assert sorted(z.namelist()) == names
+    panel.images(n=1, steps=1, class_label=0, progress=lambda *a: None)  # from code, no weight: the model's own
+    assert calls[-1]["guidance_scale"] == 2.0
     with pytest.raises(RuntimeError, match="nothing generated"):
         viz.GeneratePanel({"a": 1}, load=None, generate=None).save()
 

@@ -110,6 +110,13 @@ def class_labels(class_label, n: int, num_classes: int | None) -> torch.Tensor |
     return labels
 
 
+def labels_in_turn(start: int, n: int, num_classes: int | None) -> list[int] | None:
+    """Classes start, start + 1, ... (mod num_classes) for n images; None for an unconditional model. What
+    generate()'s default gives one call, carried on across a stream of calls: pass it as class_label for the
+    batch that begins at image `start`, and every class keeps its share of the whole."""
+    return None if num_classes is None else [(start + i) % num_classes for i in range(n)]
+
+
 def class_rows(model, schedule, config, classes, *, per_class: int = 8, **kwargs) -> torch.Tensor:
     """One row of `per_class` images for each class in `classes`, in that order (kwargs: as for generate)."""
     labels = [c for c in classes for _ in range(per_class)]

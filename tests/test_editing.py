@@ -9,7 +9,7 @@ import torch
 
 from ddpm import editing
 from ddpm.oracle import GaussianDenoiser
-from ddpm.sample import class_rows, generate
+from ddpm.sample import class_labels, class_rows, generate, labels_in_turn
 from ddpm.samplers import sample
 from ddpm.schedules import make_schedule
 from ddpm.unet import UNet, UNetConfig
@@ -212,6 +212,13 @@ def test_a_conditional_model_samples_with_its_own_guidance_weight_unless_told():
     plain_config.train.sample_guidance_scale = 2.0
     unguided = generate(plain, s, plain_config, guidance_scale=1.0, **kw)
     assert torch.equal(generate(plain, s, plain_config, **kw), unguided)
+
+
+def test_labels_in_turn_carry_the_classes_on_across_batches():
+    # a stream of batches of 2 labels the images as generate's default does for one call of 5: 0 1 | 2 0 | 1
+    stream = [labels_in_turn(start, min(2, 5 - start), 3) for start in range(0, 5, 2)]
+    assert sum(stream, []) == class_labels(None, 5, 3).tolist() == [0, 1, 2, 0, 1]
+    assert labels_in_turn(4, 3, None) is None  # an unconditional model takes no labels
 
 
 def test_class_rows_draw_one_row_per_class_in_the_order_given():

@@ -449,10 +449,7 @@ def _create_with(path: Path, record: dict) -> None:
     killed in between; where the file system has no hard links, O_EXCL and then the write."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:  # a full disk fails here, on the first block
-            f.write(json.dumps(record))
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(fd, record)  # a full disk fails here, on the first block
         try:
             os.link(tmp, path)
             return
@@ -473,14 +470,18 @@ _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, er
 def _create_excl(path: Path, record: dict) -> None:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record))
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(fd, record)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
+
+
+def _write_synced(fd: int, record: dict) -> None:
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _make_dirs(folder: Path) -> list[Path]:
